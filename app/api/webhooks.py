@@ -1,0 +1,110 @@
+"""`POST /webhooks/{queue}`: Supabase Database Webhook payloads for pgmq queue rows.
+
+The webhook is a doorbell: it carries the new row's `msg_id`, and the runner claims
+that message from the database. The route answers 202 at once and never waits for
+the job.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app import metrics
+from app.api.deps import BearerSecret, Services, get_services
+from app.api.errors import ApiError
+
+router = APIRouter(tags=["webhooks"])
+
+
+class QueueRow(BaseModel):
+    """The part of a pgmq queue row the worker needs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    msg_id: int = Field(gt=0)
+
+
+class WebhookPayload(BaseModel):
+    """What Supabase Database Webhooks and pg_net POST for a row change."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["INSERT", "UPDATE", "DELETE"]
+    table: str
+    schema_: str = Field(alias="schema")
+    record: dict[str, Any] | None = None
+    old_record: dict[str, Any] | None = None
+
+
+def _invalid(queue: str, message: str) -> ApiError:
+    metrics.WEBHOOKS.labels(queue, "invalid").inc()
+    return ApiError(422, "invalid_payload", message)
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or 'body'}: {item['msg']}"
+        for item in error.errors(include_input=False, include_url=False)
+    )
+
+
+_verify_secret = BearerSecret("webhook_secret")
+
+
+def _label(services: Services, queue: str) -> str:
+    # Only served queue names become label values: the path is caller-controlled.
+    return queue if queue in services.runner.queues else "unknown"
+
+
+def _check_auth(request: Request, queue: str) -> None:
+    try:
+        _verify_secret(request)
+    except ApiError:
+        metrics.WEBHOOKS.labels(_label(get_services(request), queue), "unauthorized").inc()
+        raise
+
+
+@router.post(
+    "/webhooks/{queue}",
+    status_code=202,
+    dependencies=[Depends(_check_auth)],
+    responses={
+        200: {"description": "UPDATE or DELETE event: ignored"},
+        401: {"description": "Missing or wrong bearer secret"},
+        404: {"description": "The service does not serve this queue"},
+        422: {"description": "The body is not a pgmq queue row event"},
+    },
+)
+async def receive_webhook(
+    queue: str, request: Request, services: Annotated[Services, Depends(get_services)]
+) -> JSONResponse:
+    """Accepts the INSERT event of a queue row; the job runs in the background."""
+    if queue not in services.runner.queues:
+        metrics.WEBHOOKS.labels(_label(services, queue), "unknown_queue").inc()
+        raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")
+    try:
+        payload = WebhookPayload.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise _invalid(queue, _describe(error)) from None
+    if payload.type != "INSERT":
+        metrics.WEBHOOKS.labels(queue, "ignored").inc()
+        return JSONResponse({"status": "ignored", "reason": f"{payload.type} events are ignored"})
+    expected = f"q_{queue}"
+    if payload.schema_ != "pgmq" or payload.table != expected:
+        raise _invalid(
+            queue,
+            f"event is for {payload.schema_}.{payload.table}, expected pgmq.{expected}",
+        )
+    if payload.record is None:
+        raise _invalid(queue, "record: an INSERT event needs the new row")
+    try:
+        row = QueueRow.model_validate(payload.record)
+    except ValidationError as error:
+        raise _invalid(queue, "record." + _describe(error)) from None
+    services.runner.submit(queue, [row.msg_id])
+    metrics.WEBHOOKS.labels(queue, "accepted").inc()
+    return JSONResponse({"status": "accepted", "msg_id": row.msg_id}, status_code=202)

@@ -1,0 +1,97 @@
+"""The application: `create_app()` and the lifespan that owns every long-lived resource.
+
+`uvicorn app.main:app` serves it; `app` is built on first access, so importing this
+module (as the tests do) reads no settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.api import router
+from app.api.deps import Services
+from app.api.errors import ApiError
+from app.config import ConfigError, Settings, load_settings
+from app.logs import configure
+from app.mail import Mailer
+from app.processors import Registry
+from app.processors.email import EmailProcessor
+from app.queue.rpc import RpcQueue, SupabaseRpc
+from app.worker import Runner
+
+log = logging.getLogger(__name__)
+
+# How long in-flight jobs get to finish when the process stops.
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+def build_registry(mailer: Mailer) -> Registry:
+    """The queues this service serves, each with its processor."""
+    return {"email_queue": EmailProcessor(mailer)}
+
+
+async def _api_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return JSONResponse(error.detail, status_code=error.status_code, headers=error.headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Builds the app. Without `settings`, they are read from the environment."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = SupabaseRpc.create_client(
+            str(settings.supabase_url),
+            settings.supabase_headers,
+            timeout=settings.rpc_timeout_seconds,
+        )
+        async with client:
+            backend = RpcQueue(SupabaseRpc(client, schema=settings.rpc_schema))
+            runner = Runner(
+                backend,
+                build_registry(Mailer(settings)),
+                visibility_timeout=settings.visibility_timeout_seconds,
+            )
+            app.state.services = Services(settings=settings, runner=runner)
+            log.info("queue-worker started", extra={"queues": ",".join(sorted(runner.queues))})
+            try:
+                yield
+            finally:
+                await runner.drain(SHUTDOWN_GRACE_SECONDS)
+                log.info("queue-worker stopped")
+
+    app = FastAPI(
+        title="queue-worker",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_exception_handler(ApiError, _api_error)
+    app.include_router(router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` looks `app` up here. Building it lazily keeps settings
+    # out of import time, and turns a configuration error into one line and exit 2.
+    if name != "app":
+        raise AttributeError(name)
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        print(f"queue-worker: {error}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None
+    configure(settings.log_level)
+    application = create_app(settings)
+    globals()["app"] = application
+    return application

@@ -1,0 +1,42 @@
+"""One module per queue kind, and the registry that maps queue names to them.
+
+A processor takes a claimed message and either returns (done: ack it) or raises
+`RetryableError` / `PermanentError`. It never touches metrics, routes or acks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from app.errors import PermanentError
+from app.queue.models import QueueMessage
+
+
+class Processor(Protocol):
+    """Processes one claimed message of its queue."""
+
+    async def __call__(self, message: QueueMessage) -> None: ...
+
+
+Registry = Mapping[str, Processor]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_job(model: type[M], message: QueueMessage) -> M:
+    """Validates a message body against a processor's model.
+
+    A message that does not fit will never fit: the error is permanent and names
+    each bad field (never its value, which may be personal data).
+    """
+    try:
+        return model.model_validate(message.message)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in item["loc"]) or "message"
+            problems.append(f"{where}: {item['msg']}")
+        raise PermanentError(f"invalid {model.__name__} message: " + "; ".join(problems)) from None

@@ -1,0 +1,58 @@
+"""The queue interface the worker is written against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from app.queue.models import QueueMessage
+
+
+class QueueMetrics(BaseModel):
+    """Depth and age of one queue (pgmq.metrics)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    queue_name: str
+    queue_length: int
+    newest_msg_age_sec: int | None = None
+    oldest_msg_age_sec: int | None = None
+    total_messages: int
+
+
+class QueueBackend(Protocol):
+    """What the worker needs from pgmq. Calls take arrays of ids so they can batch."""
+
+    async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
+        """Claims those of `msg_ids` that are visible now, for `vt` seconds.
+
+        A message that is already claimed, locked by another reader or gone is
+        simply absent from the result.
+        """
+        ...
+
+    async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
+        """Claims up to `qty` visible messages, oldest first."""
+        ...
+
+    async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        """Deletes processed messages; returns the ids that were deleted."""
+        ...
+
+    async def retry(self, queue: str, msg_ids: Sequence[int], delay_seconds: int) -> list[int]:
+        """Makes messages visible again after `delay_seconds`; returns the ids found."""
+        ...
+
+    async def archive(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        """Moves messages to the archive (the dead-letter store); returns their ids."""
+        ...
+
+    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
+        """Enqueues a message; returns its msg_id."""
+        ...
+
+    async def metrics(self) -> list[QueueMetrics]:
+        """Depth and age of the worker's queues."""
+        ...

@@ -1,0 +1,152 @@
+"""The Supabase RPC client: PostgREST functions in the worker's schema over HTTP.
+
+One `httpx.AsyncClient` per process, created in the lifespan. Every call is one
+database transaction on the server, so callers pass arrays of ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from app import __version__
+from app.queue.backend import QueueMetrics
+from app.queue.models import QueueMessage
+
+
+class RpcError(Exception):
+    """An RPC that failed: an HTTP error answer, or no answer at all.
+
+    `status` is None when the request never got an answer (connection refused,
+    timeout). `code`, `message`, `details` and `hint` come from PostgREST's error
+    body when there is one.
+    """
+
+    def __init__(
+        self,
+        function: str,
+        status: int | None,
+        message: str,
+        *,
+        code: str | None = None,
+        details: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.function = function
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.hint = hint
+        where = f"HTTP {status}" if status is not None else "no response"
+        label = f"{code}: " if code else ""
+        super().__init__(f"rpc {function} failed ({where}): {label}{message}")
+
+    @property
+    def transient(self) -> bool:
+        """True when trying again later may succeed (network, 5xx, 408, 429)."""
+        return self.status is None or self.status >= 500 or self.status in (408, 429)
+
+
+class SupabaseRpc:
+    """Calls `POST {SUPABASE_URL}/rest/v1/rpc/<function>` in one schema."""
+
+    def __init__(self, client: httpx.AsyncClient, *, schema: str) -> None:
+        self._client = client
+        self._schema = schema
+
+    @staticmethod
+    def create_client(
+        base_url: str, headers: dict[str, str], *, timeout: float, max_connections: int = 100
+    ) -> httpx.AsyncClient:
+        """The process's one HTTP client for Supabase, with keep-alive pooling."""
+        return httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/rest/v1/rpc/",
+            headers={
+                **headers,
+                "User-Agent": f"queue-worker/{__version__}",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def call(self, function: str, args: dict[str, Any]) -> Any:
+        """Calls `function` with named arguments; returns the decoded JSON (None for 204)."""
+        try:
+            response = await self._client.post(
+                function, json=args, headers={"Content-Profile": self._schema}
+            )
+        except httpx.HTTPError as error:
+            raise RpcError(function, None, f"{type(error).__name__}: {error}") from error
+        if response.status_code == 204:
+            return None
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError as error:
+                raise RpcError(function, response.status_code, "response is not JSON") from error
+        raise _error_from(function, response)
+
+
+def _error_from(function: str, response: httpx.Response) -> RpcError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return RpcError(
+            function,
+            response.status_code,
+            str(body.get("message") or response.reason_phrase),
+            code=body.get("code"),
+            details=body.get("details"),
+            hint=body.get("hint"),
+        )
+    return RpcError(function, response.status_code, response.reason_phrase or "error")
+
+
+class RpcQueue:
+    """`QueueBackend` over the Supabase RPC functions in supabase/migrations."""
+
+    def __init__(self, rpc: SupabaseRpc) -> None:
+        self._rpc = rpc
+
+    async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
+        rows = await self._rpc.call(
+            "claim", {"queue_name": queue, "msg_ids": list(msg_ids), "vt": vt}
+        )
+        return [QueueMessage.model_validate(row) for row in rows]
+
+    async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
+        rows = await self._rpc.call("read", {"queue_name": queue, "vt": vt, "qty": qty})
+        return [QueueMessage.model_validate(row) for row in rows]
+
+    async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        ids = await self._rpc.call("ack", {"queue_name": queue, "msg_ids": list(msg_ids)})
+        return [int(i) for i in ids]
+
+    async def retry(self, queue: str, msg_ids: Sequence[int], delay_seconds: int) -> list[int]:
+        ids = await self._rpc.call(
+            "retry",
+            {"queue_name": queue, "msg_ids": list(msg_ids), "delay_seconds": delay_seconds},
+        )
+        return [int(i) for i in ids]
+
+    async def archive(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        ids = await self._rpc.call("archive", {"queue_name": queue, "msg_ids": list(msg_ids)})
+        return [int(i) for i in ids]
+
+    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
+        msg_id = await self._rpc.call(
+            "send", {"queue_name": queue, "message": message, "delay_seconds": delay_seconds}
+        )
+        return int(msg_id)
+
+    async def metrics(self) -> list[QueueMetrics]:
+        rows = await self._rpc.call("metrics", {})
+        return [QueueMetrics.model_validate(row) for row in rows]

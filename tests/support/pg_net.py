@@ -1,0 +1,535 @@
+"""A stand-in for pg_net's background worker (the "sender") for the test bed.
+
+`tests/support/sql/30_pg_net.sql` provides pg_net's SQL interface: `net.http_post`
+inserts a row into `net.http_request_queue` and NOTIFYs `pg_net_wake`. This module
+plays the C background worker of supabase/pg_net, keeping the properties the
+service has to survive in production:
+
+* Requests leave only after the inserting transaction commits. PostgreSQL
+  delivers a NOTIFY only on commit, and uncommitted rows are invisible to the
+  sender's DELETE, so a rolled-back `net.http_post` is never sent.
+* Each pass takes up to `batch_size` rows (pg_net's `pg_net.batch_size`, 200),
+  **deleting them before sending**, sends them concurrently, waits for the whole
+  batch, records one `net._http_response` row per request, and loops while
+  passes find work (as pg_net's worker loops while `requests_consumed > 0`).
+* There are no retries, ever: a connection error or timeout is recorded and
+  the request is gone. With `drop_rate` the sender also loses requests outright,
+  as pg_net does when a crash empties its unlogged tables mid-batch. Delivery is
+  therefore at most once.
+
+Deliberate differences from pg_net: the DELETE commits on its own before sending
+(pg_net commits it together with the batch's responses), so other sessions see
+the queue empty while a batch is in flight and a sender that dies mid-batch loses
+what it took, which is the at-most-once behaviour the service must tolerate
+anyway; old `net._http_response` rows are never expired (pg_net's `pg_net.ttl`),
+since tests read them; and a timeout's message lacks pg_net's per-phase timings.
+
+Use `running_sender(db)` as a context manager; `PgNetSender.wait_idle()` blocks
+until everything committed so far has been taken and its outcome recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from tests.support.postgres import Database
+
+WAKE_CHANNEL = "pg_net_wake"
+DEFAULT_BATCH_SIZE = 200
+# pg_net sends `User-Agent: pg_net/<version>`; receivers should not depend on the
+# exact version, only on the prefix.
+USER_AGENT = "pg_net/0.19.5"
+# The methods pg_net's worker accepts; anything else never reaches the network.
+SUPPORTED_METHODS = frozenset({"GET", "POST", "DELETE"})
+
+# pg_net hands curl the headers as "Name: value" lines built by this very
+# expression, so non-string jsonb values and nulls behave as they do there
+# (a null value makes the whole line null, and pg_net skips null lines).
+_TAKE_SQL = """
+delete from net.http_request_queue
+where id in (
+    select id from net.http_request_queue
+    order by id
+    limit %s
+    for update skip locked
+)
+returning id, method, url, timeout_milliseconds,
+          array(select key || ': ' || value from jsonb_each_text(headers)),
+          body
+"""
+
+_RECORD_SQL = """
+insert into net._http_response
+    (id, status_code, content, headers, content_type, timed_out, error_msg)
+values (%s, %s, %s, %s, %s, %s, %s)
+"""
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """One row taken (and already deleted) from `net.http_request_queue`."""
+
+    id: int
+    method: str
+    url: str
+    timeout_milliseconds: int
+    header_lines: tuple[str | None, ...]
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What gets written to `net._http_response` for one request."""
+
+    id: int
+    status_code: int | None = None
+    content: str | None = None
+    headers: dict[str, str] | None = None
+    content_type: str | None = None
+    timed_out: bool = False
+    error_msg: str | None = None
+
+
+@dataclass(frozen=True)
+class SenderStats:
+    """A consistent snapshot of the sender's counters."""
+
+    sent: int = 0
+    dropped: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    batches: tuple[int, ...] = ()
+
+    @property
+    def taken(self) -> int:
+        return sum(self.batches)
+
+
+def _crlf_rejection(line: str) -> str | None:
+    # libcurl ends every header with CRLF, so a CR or LF inside one could smuggle
+    # extra headers or a body; pg_net refuses to send such a request and names
+    # only the header, because the value may hold credentials.
+    cut = min((i for i in (line.find("\r"), line.find("\n")) if i >= 0), default=None)
+    if cut is None:
+        return None
+    name = line[:cut].partition(":")[0]
+    return f'header "{name}" contains a carriage return or line feed'
+
+
+def _request_headers(lines: Sequence[str | None]) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        if line is None:
+            continue
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        if not value:
+            # curl treats "Name:" with nothing after it as "do not send Name".
+            continue
+        # Raw bytes: curl puts the UTF-8 text on the wire, httpx would insist on ASCII.
+        headers.append((name.encode(), value.encode()))
+    if not any(name.lower() == b"user-agent" for name, _ in headers):
+        headers.append((b"User-Agent", USER_AGENT.encode()))
+    return headers
+
+
+def _curl_error_message(exc: Exception) -> str:
+    """The curl_easy_strerror() text pg_net would record for an httpx failure."""
+    text = str(exc)
+    if isinstance(exc, httpx.ConnectError):
+        resolution_failures = ("Name or service not known", "name resolution", "nodename")
+        if any(marker in text for marker in resolution_failures):
+            return "Couldn't resolve host name"
+        return "Couldn't connect to server"
+    if isinstance(exc, httpx.RemoteProtocolError) and "without sending" in text:
+        return "Server returned nothing (no headers, no data)"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return "Failure when receiving data from the peer"
+    if isinstance(exc, httpx.WriteError):
+        return "Failed sending data to the peer"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "Unsupported protocol"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "Number of redirects hit maximum amount"
+    if isinstance(exc, httpx.InvalidURL):
+        return "URL using bad/illegal format or missing URL"
+    return text or type(exc).__name__
+
+
+def _response_content(raw: bytes) -> str | None:
+    # pg_net stores the body as a C string: it ends at the first NUL, and an
+    # empty body is recorded as NULL rather than ''.
+    raw = raw.split(b"\0", 1)[0]
+    if not raw:
+        return None
+    return raw.decode("utf-8", errors="replace")
+
+
+class PgNetSender:
+    """pg_net's background worker, run in a thread with its own event loop."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        drop_rate: float = 0.0,
+        seed: int | None = None,
+        poll_interval: float = 0.05,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError("drop_rate must be between 0 and 1")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        self.db = db
+        self.batch_size = batch_size
+        self.drop_rate = drop_rate
+        self.poll_interval = poll_interval
+        # Drop decisions are drawn per request in id order, so the same seed and
+        # the same sequence of requests drop the same ones whatever the batching.
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._dropped = 0
+        self._failed = 0
+        self._timed_out = 0
+        self._by_status: Counter[int] = Counter()
+        self._batches: list[int] = []
+        # True from just before a pass's DELETE until its outcomes are recorded:
+        # wait_idle() needs it because rows leave the table before they are sent.
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    # -- counters -------------------------------------------------------------
+
+    def stats(self) -> SenderStats:
+        with self._lock:
+            return SenderStats(
+                sent=self._sent,
+                dropped=self._dropped,
+                failed=self._failed,
+                timed_out=self._timed_out,
+                by_status=dict(self._by_status),
+                batches=tuple(self._batches),
+            )
+
+    @property
+    def sent(self) -> int:
+        """Requests that got an HTTP response, whatever its status."""
+        with self._lock:
+            return self._sent
+
+    @property
+    def dropped(self) -> int:
+        """Requests deleted from the queue and deliberately never sent."""
+        with self._lock:
+            return self._dropped
+
+    @property
+    def failed(self) -> int:
+        """Requests that got no HTTP response: connection error, timeout, rejection."""
+        with self._lock:
+            return self._failed
+
+    @property
+    def timed_out(self) -> int:
+        with self._lock:
+            return self._timed_out
+
+    @property
+    def by_status(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._by_status)
+
+    @property
+    def batches(self) -> list[int]:
+        """Rows taken by each non-empty pass, in order."""
+        with self._lock:
+            return list(self._batches)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            raise RuntimeError("sender already started")
+        self._thread = threading.Thread(target=self._run, name="pg_net-sender", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.01):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._thread.join(timeout=1)
+                raise RuntimeError("pg_net sender failed to start") from self._failure
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops after the batch in flight, if any, has been recorded."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None:
+            return
+        if loop is not None and stop is not None and thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(stop.set)
+            # The sender may be waiting out a long poll interval on LISTEN; a
+            # notification ends the wait without cancelling psycopg mid-read.
+            with contextlib.suppress(psycopg.Error), self.db.connect() as conn:
+                conn.execute("select pg_notify(%s, 'stop')", (WAKE_CHANNEL,))
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError("pg_net sender did not stop")
+        self.check()
+
+    def check(self) -> None:
+        """Raises if the sender's thread has died."""
+        if self._failure is not None:
+            raise RuntimeError("pg_net sender crashed") from self._failure
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Waits until the queue is empty and every request taken has an outcome.
+
+        Covers everything committed before the call. The queue is counted before
+        the busy flag is read: a row absent from the count was either never
+        committed or already taken, and if taken, `_busy` stays set until its
+        outcome is recorded.
+        """
+        deadline = time.monotonic() + timeout
+        with self.db.connect() as conn:
+            while True:
+                self.check()
+                row = conn.execute("select count(*) from net.http_request_queue").fetchone()
+                queued = row[0] if row else 0
+                with self._lock:
+                    busy = self._busy
+                if queued == 0 and not busy:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"pg_net sender not idle after {timeout}s: {queued} queued, busy={busy}"
+                    )
+                time.sleep(0.01)
+
+    # -- the worker -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced by check(), wait_idle() and stop()
+            self._failure = exc
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            listener = await stack.enter_async_context(
+                await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
+            )
+            worker = await stack.enter_async_context(
+                await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
+            )
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    follow_redirects=True,  # pg_net sets CURLOPT_FOLLOWLOCATION
+                    # curl_multi has no connection cap: a whole batch goes out at
+                    # once, which is what makes bursts time out on a slow receiver.
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+                    # pg_net keeps no cookies between requests.
+                    cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+                    # Loopback receivers must not be routed through an environment proxy.
+                    trust_env=False,
+                )
+            )
+            # curl sends no Accept-Encoding unless asked, and pg_net stores the body
+            # as received; pg_net's own User-Agent is added per request.
+            for name in ("Accept-Encoding", "User-Agent"):
+                client.headers.pop(name, None)
+            # LISTEN before the first pass: anything committed earlier is found by
+            # that pass, anything committed later notifies.
+            await listener.execute(sql.SQL("listen {}").format(sql.Identifier(WAKE_CHANNEL)))
+            self._ready.set()
+            while not self._stop.is_set():
+                while not self._stop.is_set() and await self._pass(worker, client) > 0:
+                    pass
+                await self._wait_for_wake(listener)
+
+    async def _wait_for_wake(self, listener: psycopg.AsyncConnection[Any]) -> None:
+        # The timeout is only a fallback poll: commits arrive as notifications.
+        async for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
+            pass
+
+    async def _pass(self, conn: psycopg.AsyncConnection[Any], client: httpx.AsyncClient) -> int:
+        with self._lock:
+            self._busy = True
+        try:
+            requests = await self._take(conn)
+            if not requests:
+                return 0
+            to_send: list[QueuedRequest] = []
+            dropped = 0
+            for request in requests:
+                # Always draw, so the sequence of decisions depends only on the seed.
+                if self._rng.random() < self.drop_rate:
+                    # Nothing is recorded for a dropped request: pg_net's real loss
+                    # (a crash emptying its unlogged tables, or the worker dying
+                    # mid-batch) leaves no net._http_response row either, so the
+                    # service must not count on one to notice the loss.
+                    dropped += 1
+                else:
+                    to_send.append(request)
+            outcomes = await asyncio.gather(*(self._send(client, r) for r in to_send))
+            await self._record(conn, outcomes)
+            with self._lock:
+                self._batches.append(len(requests))
+                self._dropped += dropped
+                for outcome in outcomes:
+                    if outcome.status_code is not None:
+                        self._sent += 1
+                        self._by_status[outcome.status_code] += 1
+                    else:
+                        self._failed += 1
+                        self._timed_out += outcome.timed_out
+            return len(requests)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    async def _take(self, conn: psycopg.AsyncConnection[Any]) -> list[QueuedRequest]:
+        # Autocommit: the DELETE is committed before anything is sent, so from
+        # here on a failure loses the request instead of retrying it.
+        cursor = await conn.execute(_TAKE_SQL, (self.batch_size,))
+        rows = await cursor.fetchall()
+        requests = [
+            QueuedRequest(
+                id=row[0],
+                method=row[1],
+                url=row[2],
+                timeout_milliseconds=row[3],
+                header_lines=tuple(row[4] or ()),
+                body=bytes(row[5]) if row[5] is not None else None,
+            )
+            for row in rows
+        ]
+        return sorted(requests, key=lambda r: r.id)
+
+    async def _send(self, client: httpx.AsyncClient, request: QueuedRequest) -> Outcome:
+        timeout_ms = request.timeout_milliseconds
+        # libcurl reads a 0 timeout as "none", which would let one request hold the
+        # batch forever; newer pg_net refuses such requests with an error row.
+        if timeout_ms <= 0:
+            return Outcome(
+                request.id,
+                error_msg=f"timeout_milliseconds must be positive, got {timeout_ms}",
+            )
+        for line in request.header_lines:
+            reason = _crlf_rejection(line) if line is not None else None
+            if reason is not None:
+                return Outcome(request.id, error_msg=reason)
+        method = request.method.upper()
+        if method not in SUPPORTED_METHODS:
+            return Outcome(request.id, error_msg=f"Unsupported request method {request.method}")
+
+        seconds = timeout_ms / 1000
+        started = time.perf_counter()
+        try:
+            # curl's CURLOPT_TIMEOUT_MS bounds the whole transfer; httpx's timeouts
+            # are per phase, so the overall deadline comes from asyncio.
+            async with asyncio.timeout(seconds):
+                response = await client.request(
+                    method,
+                    request.url,
+                    headers=_request_headers(request.header_lines),
+                    content=request.body,
+                    timeout=httpx.Timeout(seconds),
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            # pg_net's message also splits the time into DNS, handshake and
+            # request phases; only the prefix is meant to be matched on.
+            return Outcome(
+                request.id,
+                timed_out=True,
+                error_msg=f"Timeout of {timeout_ms} ms reached. Total time: {elapsed_ms:f} ms",
+            )
+        except Exception as exc:  # no retries: every failure is final
+            return Outcome(request.id, error_msg=_curl_error_message(exc))
+
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers.raw
+        }
+        return Outcome(
+            request.id,
+            status_code=response.status_code,
+            content=_response_content(response.content),
+            headers=headers,
+            content_type=response.headers.get("content-type"),
+        )
+
+    async def _record(
+        self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
+    ) -> None:
+        if not outcomes:
+            return
+        # One transaction per batch, as pg_net inserts a batch's responses together.
+        async with conn.transaction():
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    _RECORD_SQL,
+                    [
+                        (
+                            o.id,
+                            o.status_code,
+                            o.content,
+                            Jsonb(o.headers) if o.headers is not None else None,
+                            o.content_type,
+                            o.timed_out,
+                            o.error_msg,
+                        )
+                        for o in outcomes
+                    ],
+                )
+
+
+@contextlib.contextmanager
+def running_sender(
+    db: Database,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    drop_rate: float = 0.0,
+    seed: int | None = None,
+    poll_interval: float = 0.05,
+) -> Iterator[PgNetSender]:
+    """Runs a `PgNetSender` for the duration of the block."""
+    sender = PgNetSender(
+        db,
+        batch_size=batch_size,
+        drop_rate=drop_rate,
+        seed=seed,
+        poll_interval=poll_interval,
+    )
+    sender.start()
+    try:
+        yield sender
+    except BaseException:
+        # The block's own failure matters more than a crash during shutdown.
+        with contextlib.suppress(Exception):
+            sender.stop()
+        raise
+    sender.stop()

@@ -1,0 +1,42 @@
+"""Valid service settings for tests, with secrets generated per run."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from app.config import Settings
+
+# Every variable the service reads; tests clear them so the developer's own
+# environment or .env cannot leak in.
+SERVICE_VARIABLES = (
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "RPC_SCHEMA",
+    "RPC_TIMEOUT_SECONDS",
+    "WEBHOOK_SECRET",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_USER",
+    "SMTP_PASSWORD",
+    "SMTP_PASS",
+    "SMTP_STARTTLS",
+    "SMTP_SSL_TLS",
+    "SMTP_TIMEOUT_SECONDS",
+    "SMTP_CA_FILE",
+    "MAIL_FROM",
+    "MAIL_FROM_NAME",
+    "VISIBILITY_TIMEOUT_SECONDS",
+    "HOST",
+    "PORT",
+    "LOG_LEVEL",
+)
+
+
+def new_webhook_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def settings_for(**values: Any) -> Settings:
+    """Settings from explicit values only (no environment, no .env file)."""
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
