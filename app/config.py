@@ -82,7 +82,17 @@ class Settings(BaseSettings):
     mail_from_name: str | None = None
 
     # Jobs
-    visibility_timeout_seconds: int = Field(60, ge=1)
+    # A claimed message stays invisible this long; a running job's lease is
+    # extended every third of it (the heartbeat).
+    visibility_timeout_seconds: int = Field(30, ge=3)
+    job_timeout_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(600.0, gt=0)
+    max_concurrency: int = Field(16, ge=1, le=10_000)
+    sweep_interval_seconds: float = Field(10.0, gt=0)
+    sweep_batch_size: int = Field(50, ge=1, le=1000)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     # Server
     host: str = "0.0.0.0"
@@ -96,6 +106,8 @@ class Settings(BaseSettings):
                 "SMTP_STARTTLS and SMTP_SSL_TLS are both true: use STARTTLS (port 587) "
                 "or implicit TLS (port 465), not both"
             )
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError("RETRY_MAX_SECONDS must not be below RETRY_BASE_SECONDS")
         if bool(self.smtp_user) != bool(self.smtp_password):
             raise ValueError("SMTP_USER and SMTP_PASSWORD (or SMTP_PASS) go together")
         secret = self.webhook_secret.get_secret_value()

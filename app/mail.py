@@ -8,12 +8,14 @@ the server or our credentials are not, and retrying later can succeed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
+from email.message import Message
 
 import aiosmtplib
 from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
-from fastapi_mail.errors import ConnectionErrors
 from fastapi_mail.schemas import MultipartSubtypeEnum
 from pydantic import NameEmail
 
@@ -96,30 +98,98 @@ def _reply(code: int, message: str) -> str:
     return f"{code} {message}".strip()
 
 
+def _tls_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if settings.smtp_ca_file is not None:
+        context.load_verify_locations(cafile=str(settings.smtp_ca_file))
+    return context
+
+
+async def _closed(transport: asyncio.BaseTransport | None, timeout: float = 2.0) -> None:
+    """Waits until a transport's socket is really closed.
+
+    `quit()` returns as soon as the server said goodbye, while a TLS connection
+    still exchanges close_notify; a process that exits in that gap leaks the socket.
+    """
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while sock is not None and sock.fileno() != -1:
+        if asyncio.get_running_loop().time() > deadline:
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            return
+        await asyncio.sleep(0.005)
+
+
 class Mailer:
-    """The process's SMTP sender."""
+    """The process's SMTP sender.
+
+    fastapi-mail composes the messages (MIME structure, encodings, templates);
+    delivery goes through aiosmtplib, fastapi-mail's own transport, driven here
+    so that connections are closed completely, several mails can share one
+    connection, and each SMTP reply is classified.
+    """
 
     def __init__(self, settings: Settings) -> None:
-        self._mail = FastMail(connection_config(settings))
+        self._settings = settings
+        self._compose = FastMail(connection_config(settings))
+        self._tls = _tls_context(settings)
 
     async def send(self, mail: Mail) -> None:
         """Sends `mail`; raises PermanentError or RetryableError on failure."""
+        message = await self._compose.get_message(_schema(mail))
+        assert isinstance(message, Message)  # one schema in, one message out
+        await self._deliver([message])
+
+    def _client(self) -> aiosmtplib.SMTP:
+        settings = self._settings
+        return aiosmtplib.SMTP(
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            use_tls=settings.smtp_ssl_tls,
+            start_tls=settings.smtp_starttls,
+            tls_context=self._tls,
+            timeout=settings.smtp_timeout_seconds,
+        )
+
+    async def _deliver(self, messages: list[Message]) -> None:
+        smtp = self._client()
         try:
-            await self._mail.send_message(_schema(mail))
+            await smtp.connect()
+            if self._settings.smtp_user and self._settings.smtp_password:
+                await smtp.login(
+                    self._settings.smtp_user, self._settings.smtp_password.get_secret_value()
+                )
+            for message in messages:
+                await smtp.send_message(message)
         except aiosmtplib.SMTPRecipientsRefused as error:
             replies = "; ".join(_reply(r.code, r.message) for r in error.recipients)
             if all(500 <= r.code < 600 for r in error.recipients):
                 raise PermanentError(f"SMTP refused the recipients: {replies}") from None
             raise RetryableError(f"SMTP refused the recipients for now: {replies}") from None
+        except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPSenderRefused) as error:
+            # Our credentials or sender address, not the job: retrying after the
+            # configuration is fixed saves the job.
+            raise RetryableError(f"SMTP refused us: {_reply(error.code, error.message)}") from None
         except aiosmtplib.SMTPResponseException as error:
             reply = _reply(error.code, error.message)
-            if 500 <= error.code < 600 and not isinstance(
-                error, aiosmtplib.SMTPAuthenticationError
-            ):
+            if 500 <= error.code < 600:
                 raise PermanentError(f"SMTP rejected the message: {reply}") from None
             raise RetryableError(f"SMTP failed: {reply}") from None
-        except (ConnectionErrors, aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-            # fastapi-mail wraps connect and login failures in ConnectionErrors with a
-            # message that names the cause; it carries no secrets.
-            detail = getattr(error, "expression", None) or str(error) or type(error).__name__
-            raise RetryableError(f"SMTP unavailable: {detail}") from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise RetryableError(f"SMTP unavailable: {type(error).__name__}: {error}") from None
+        finally:
+            await self._close(smtp)
+
+    async def _close(self, smtp: aiosmtplib.SMTP) -> None:
+        transport = smtp.transport
+        if smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+        else:
+            smtp.close()
+        await _closed(transport)

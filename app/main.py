@@ -6,6 +6,7 @@ module (as the tests do) reads no settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -24,17 +25,27 @@ from app.mail import Mailer
 from app.processors import Registry
 from app.processors.email import EmailProcessor
 from app.queue.rpc import RpcQueue, SupabaseRpc
-from app.worker import Runner
+from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
 
 log = logging.getLogger(__name__)
-
-# How long in-flight jobs get to finish when the process stops.
-SHUTDOWN_GRACE_SECONDS = 20.0
 
 
 def build_registry(mailer: Mailer) -> Registry:
     """The queues this service serves, each with its processor."""
     return {"email_queue": EmailProcessor(mailer)}
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(
+        visibility_timeout=settings.visibility_timeout_seconds,
+        job_timeout=settings.job_timeout_seconds,
+        max_concurrency=settings.max_concurrency,
+        retry=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_delay=settings.retry_base_seconds,
+            max_delay=settings.retry_max_seconds,
+        ),
+    )
 
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
@@ -52,20 +63,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             str(settings.supabase_url),
             settings.supabase_headers,
             timeout=settings.rpc_timeout_seconds,
+            max_connections=max(20, 2 * settings.max_concurrency),
         )
         async with client:
             backend = RpcQueue(SupabaseRpc(client, schema=settings.rpc_schema))
-            runner = Runner(
-                backend,
-                build_registry(Mailer(settings)),
-                visibility_timeout=settings.visibility_timeout_seconds,
+            runner = Runner(backend, build_registry(Mailer(settings)), runner_config(settings))
+            sweeper = Sweeper(
+                runner,
+                interval=settings.sweep_interval_seconds,
+                batch_size=settings.sweep_batch_size,
             )
-            app.state.services = Services(settings=settings, runner=runner)
+            app.state.services = Services(settings=settings, runner=runner, sweeper=sweeper)
+            drained = asyncio.Event()
+
+            async def drain() -> None:
+                if drained.is_set():
+                    return
+                drained.set()
+                log.info("draining", extra={"in_flight": runner.in_flight()})
+                await sweeper.stop()
+                await runner.drain(settings.shutdown_grace_seconds)
+                log.info("drained")
+
+            runner.start()
+            sweeper.start()
+            restore_signals = shutdown.install(drain)
             log.info("queue-worker started", extra={"queues": ",".join(sorted(runner.queues))})
             try:
                 yield
             finally:
-                await runner.drain(SHUTDOWN_GRACE_SECONDS)
+                restore_signals()
+                await drain()
+                await runner.close()
                 log.info("queue-worker stopped")
 
     app = FastAPI(

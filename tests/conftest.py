@@ -7,12 +7,16 @@ STARTTLS and AUTH, and the service itself served by uvicorn on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
+from app.api.deps import Services
 from app.config import Settings
 from app.main import create_app
 from tests.support.pg_net import PgNetSender, running_sender
@@ -81,7 +85,11 @@ def sender(db: Database) -> Iterator[PgNetSender]:
 
 @pytest.fixture
 def service_settings(gateway: GatewayHandle, smtp: SmtpServer) -> Settings:
-    """Settings that point the service at the gateway and the SMTP server."""
+    """Settings that point the service at the gateway and the SMTP server.
+
+    The sweeper waits an hour between passes here, so these tests see the webhook
+    path alone; reliability tests shorten it.
+    """
     return settings_for(
         supabase_url=gateway.url,
         supabase_service_role_key=gateway.service_role_key,
@@ -93,16 +101,18 @@ def service_settings(gateway: GatewayHandle, smtp: SmtpServer) -> Settings:
         smtp_ca_file=smtp.ca_file,
         mail_from=MAIL_FROM,
         mail_from_name="Queue Worker",
-        visibility_timeout_seconds=30,
+        sweep_interval_seconds=3600,
+        shutdown_grace_seconds=5,
     )
 
 
 @dataclass(frozen=True)
 class Service:
-    """The running service: its base URL and the settings it runs with."""
+    """A running service: its base URL, settings and (in-process) its app."""
 
     url: str
     settings: Settings
+    app: FastAPI | None = None
 
     @property
     def webhook_secret(self) -> str:
@@ -111,20 +121,77 @@ class Service:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.webhook_secret}"}
 
+    @property
+    def services(self) -> Services:
+        assert self.app is not None, "only an in-process service exposes its internals"
+        services: Services = self.app.state.services
+        return services
+
+
+def register_in_vault(db: Database, url: str, secret: str) -> None:
+    """Stores the two Vault secrets the webhook triggers read, as a user would."""
+    with db.connect() as conn:
+        conn.execute("delete from vault.secrets where name like 'queue_worker_%'")
+        conn.execute("select vault.create_secret(%s, 'queue_worker_url')", [url])
+        conn.execute("select vault.create_secret(%s, 'queue_worker_webhook_secret')", [secret])
+
+
+ServiceFactory = Callable[..., Service]
+
 
 @pytest.fixture
-def service(db: Database, service_settings: Settings) -> Iterator[Service]:
+def start_service(
+    db: Database, service_settings: Settings
+) -> Iterator[ServiceFactory]:
+    """Starts services on loopback: `start_service(register=True, **setting_overrides)`.
+
+    With `register`, the service's URL and secret go into Vault so the triggers
+    ring its doorbell; several services may share one database (replicas).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def start(*, register: bool = True, **overrides: Any) -> Service:
+            settings = service_settings.model_copy(update=overrides)
+            app = create_app(settings)
+            url = stack.enter_context(serve_in_thread(app))
+            if register:
+                register_in_vault(db, url, settings.webhook_secret.get_secret_value())
+            return Service(url=url, settings=settings, app=app)
+
+        yield start
+
+
+@pytest.fixture
+def service(start_service: ServiceFactory) -> Service:
     """The service on loopback, registered in Vault as a user would register it."""
-    with serve_in_thread(create_app(service_settings)) as url:
-        with db.connect() as conn:
-            conn.execute("select vault.create_secret(%s, 'queue_worker_url')", [url])
-            conn.execute(
-                "select vault.create_secret(%s, 'queue_worker_webhook_secret')",
-                [service_settings.webhook_secret.get_secret_value()],
-            )
-        yield Service(url=url, settings=service_settings)
+    return start_service()
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# -- figures ------------------------------------------------------------------
+# Fault-injection tests report what happened (sent, processed, archived,
+# duplicated, lost); the figures are printed together at the end of the run.
+
+_FIGURES: list[tuple[str, dict[str, Any]]] = []
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[..., None]:
+    def record(**numbers: Any) -> None:
+        _FIGURES.append((request.node.name, numbers))
+        print(request.node.name, numbers)  # noqa: T201 - shown with -s and on failure
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("figures")
+    for name, numbers in _FIGURES:
+        values = "  ".join(f"{key}={value}" for key, value in numbers.items())
+        terminalreporter.write_line(f"{name}: {values}")

@@ -152,23 +152,36 @@ def test_job_is_read_from_the_queue_not_from_the_webhook_body(
     assert (mail["To"], mail["Subject"]) == ("real@example.com", "From the row")
 
 
-def test_failed_job_stays_in_the_queue_until_its_visibility_timeout(
+def archived_rows(db: Database, queue: str = "email_queue") -> list[tuple[Any, ...]]:
+    with db.connect() as conn:
+        return conn.execute(
+            sql.SQL(
+                "select msg_id, read_ct, headers -> 'queue_worker_error' from pgmq.{} "
+                "order by msg_id"
+            ).format(sql.Identifier(f"a_{queue}"))
+        ).fetchall()
+
+
+def test_permanent_failures_are_archived_with_their_error(
     db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
 ) -> None:
     smtp.reject_recipients(["bounce@example.com"])
     bounced = enqueue(db, {"to": "bounce@example.com", "subject": "No", "text": "x"})
     invalid = enqueue(db, {"to": "c@example.com", "text": "no subject"})
 
-    def both_claimed() -> bool:
-        rows = queue_rows(db)
-        return len(rows) == 2 and all(read_ct == 1 and hidden for _, read_ct, hidden in rows)
-
-    wait_until(both_claimed, what="both messages to be claimed once")
-    sender.wait_idle()
-    assert [row[0] for row in queue_rows(db)] == [bounced, invalid]
+    rows = wait_until(lambda: len(archived_rows(db)) == 2 and archived_rows(db), what="archive")
+    assert queue_rows(db) == []
     assert smtp.messages == []
-    with db.connect() as conn:
-        assert conn.execute("select count(*) from pgmq.a_email_queue").fetchone() == (0,)
+    by_id = {msg_id: (read_ct, error) for msg_id, read_ct, error in rows}
+    # Never retried: archived after the first attempt.
+    assert by_id[bounced][0] == 1 and by_id[invalid][0] == 1
+    assert by_id[bounced][1]["type"] == "PermanentError"
+    assert "550 5.1.1 Mailbox unavailable" in by_id[bounced][1]["message"]
+    assert by_id[invalid][1]["message"] == (
+        "invalid EmailJob message: subject: Field required"
+    )
+    assert by_id[invalid][1]["attempt"] == 1
+    assert "failed_at" in by_id[invalid][1]
 
 
 def test_message_that_is_not_visible_is_not_processed(

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.postgres import Database, apply_migrations, migration_files
 
-WORKER_FUNCTIONS = ["claim", "read", "ack", "retry", "archive", "send", "metrics"]
+WORKER_FUNCTIONS = ["claim", "read", "ack", "set_vt", "archive", "send", "metrics"]
 
 # What pgmq 1.5.1 offers (SUPABASE-FACTS.md); the migrations may call nothing else.
 PGMQ_151 = {
@@ -112,7 +112,7 @@ def test_service_role_can_run_the_whole_cycle(db: Database) -> None:
         ).fetchall()
         assert (read_id, read_ct) == (msg_id, 1)
         assert conn.execute(
-            "select * from queue_worker.retry('reports_queue', %s, 0)", [[msg_id]]
+            "select * from queue_worker.set_vt('reports_queue', %s, 0)", [[msg_id]]
         ).fetchall() == [(msg_id,)]
         assert conn.execute(
             "select * from queue_worker.archive('reports_queue', %s)", [[msg_id]]

@@ -9,7 +9,7 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.config import Settings
-from app.worker import Runner
+from app.worker import Runner, Sweeper
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class Services:
 
     settings: Settings
     runner: Runner
+    sweeper: Sweeper
 
 
 def get_services(request: Request) -> Services:

@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app import metrics
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.worker import Offer
 
 router = APIRouter(tags=["webhooks"])
+
+RETRY_AFTER_SECONDS = 5
 
 
 class QueueRow(BaseModel):
@@ -75,6 +78,7 @@ def _check_auth(request: Request, queue: str) -> None:
     responses={
         200: {"description": "UPDATE or DELETE event: ignored"},
         401: {"description": "Missing or wrong bearer secret"},
+        503: {"description": "Shutting down; retry later (the message stays queued)"},
         404: {"description": "The service does not serve this queue"},
         422: {"description": "The body is not a pgmq queue row event"},
     },
@@ -105,6 +109,15 @@ async def receive_webhook(
         row = QueueRow.model_validate(payload.record)
     except ValidationError as error:
         raise _invalid(queue, "record." + _describe(error)) from None
-    services.runner.submit(queue, [row.msg_id])
-    metrics.WEBHOOKS.labels(queue, "accepted").inc()
-    return JSONResponse({"status": "accepted", "msg_id": row.msg_id}, status_code=202)
+    offer = services.runner.offer(queue, [row.msg_id])
+    metrics.WEBHOOKS.labels(queue, offer.value).inc()
+    if offer is Offer.DRAINING:
+        # pg_net does not retry; the message stays queued and is swept up later.
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the service is shutting down; the message stays queued",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    # DEFERRED: at capacity; the message stays queued and the sweeper takes it.
+    return JSONResponse({"status": offer.value, "msg_id": row.msg_id}, status_code=202)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -41,12 +41,20 @@ class QueueBackend(Protocol):
         """Deletes processed messages; returns the ids that were deleted."""
         ...
 
-    async def retry(self, queue: str, msg_ids: Sequence[int], delay_seconds: int) -> list[int]:
-        """Makes messages visible again after `delay_seconds`; returns the ids found."""
+    async def set_vt(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[int]:
+        """Makes messages visible `vt` seconds from now; returns the ids found.
+
+        Retries (vt = backoff), lease extensions (the heartbeat) and releases (vt = 0).
+        """
         ...
 
-    async def archive(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
-        """Moves messages to the archive (the dead-letter store); returns their ids."""
+    async def archive(
+        self, queue: str, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]]
+    ) -> list[int]:
+        """Moves messages to the archive (the dead-letter store); returns their ids.
+
+        `errors` gives, per msg_id, the error recorded in the archived row's headers.
+        """
         ...
 
     async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:

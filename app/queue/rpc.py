@@ -6,7 +6,7 @@ database transaction on the server, so callers pass arrays of ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -130,15 +130,23 @@ class RpcQueue:
         ids = await self._rpc.call("ack", {"queue_name": queue, "msg_ids": list(msg_ids)})
         return [int(i) for i in ids]
 
-    async def retry(self, queue: str, msg_ids: Sequence[int], delay_seconds: int) -> list[int]:
+    async def set_vt(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[int]:
         ids = await self._rpc.call(
-            "retry",
-            {"queue_name": queue, "msg_ids": list(msg_ids), "delay_seconds": delay_seconds},
+            "set_vt", {"queue_name": queue, "msg_ids": list(msg_ids), "vt": vt}
         )
         return [int(i) for i in ids]
 
-    async def archive(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
-        ids = await self._rpc.call("archive", {"queue_name": queue, "msg_ids": list(msg_ids)})
+    async def archive(
+        self, queue: str, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]]
+    ) -> list[int]:
+        ids = await self._rpc.call(
+            "archive",
+            {
+                "queue_name": queue,
+                "msg_ids": list(msg_ids),
+                "errors": {str(msg_id): error for msg_id, error in errors.items()},
+            },
+        )
         return [int(i) for i in ids]
 
     async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:

@@ -1,5 +1,7 @@
-"""The runner: claim -> process -> ack, and what happens when a job fails."""
+"""The runner (claim -> process -> ack / retry / archive), the sweeper, shutdown."""
 
-from app.worker.runner import Runner
+from app.worker.policy import RetryPolicy
+from app.worker.runner import Offer, Runner, RunnerConfig
+from app.worker.sweeper import Sweeper
 
-__all__ = ["Runner"]
+__all__ = ["Offer", "RetryPolicy", "Runner", "RunnerConfig", "Sweeper"]

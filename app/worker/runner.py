@@ -1,110 +1,287 @@
-"""Runs jobs: claims a message, hands it to its queue's processor, acks on success.
+"""Runs jobs: claim -> process -> ack, retry or archive.
 
-Webhooks are only doorbells: the runner claims the message from the database with
-a conditional update (visible now, not locked), so a repeated webhook or a
-concurrent reader never runs a job twice, and the job is the claimed row, not the
-webhook body. A message is deleted only after its processor returned. When a job
-fails the message stays in the queue and becomes visible again when its
-visibility timeout ends.
+Webhooks are doorbells: the runner claims the message from the database with a
+conditional update (visible now, not locked), so a repeated webhook, the sweeper
+or another replica never runs a job twice at the same time, and the job is the
+claimed row, never the webhook body. While a job runs its lease is renewed (the
+heartbeat). The runner alone decides the message's fate:
+
+- success: ack (delete); a failed ack is retried in-process, never the job;
+- retryable failure (RetryableError, a timeout, any unexpected exception): visible
+  again after an exponential, jittered backoff, until the last attempt;
+- permanent failure, or the last attempt: archived with its error.
+
+Each queue runs at most `max_concurrency` jobs; work offered beyond that stays in
+the queue for the sweeper, so memory does not grow with a burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from app import metrics
-from app.errors import PermanentError
+from app.errors import PermanentError, RetryableError
 from app.processors import Registry
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
+from app.worker.leases import Leases
+from app.worker.policy import RetryPolicy
+from app.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
 
-class Runner:
-    """Owns the background job tasks of one process."""
+class Offer(enum.Enum):
+    """What became of work offered to the runner."""
 
-    def __init__(
-        self, backend: QueueBackend, processors: Registry, *, visibility_timeout: int
-    ) -> None:
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"  # at capacity: left in the queue for the sweeper
+    DRAINING = "draining"  # shutting down: not taking new work
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    visibility_timeout: int
+    job_timeout: float
+    max_concurrency: int
+    retry: RetryPolicy
+
+
+class Runner:
+    """Owns the jobs of one process."""
+
+    def __init__(self, backend: QueueBackend, processors: Registry, config: RunnerConfig) -> None:
         self._backend = backend
         self._processors = processors
-        self._vt = visibility_timeout
+        self._config = config
+        self.leases = Leases(backend, vt=config.visibility_timeout)
+        self.settler = Settler(backend)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Slots taken per queue: running jobs plus claims/reads under way.
+        self._busy: defaultdict[str, int] = defaultdict(int)
+        self._freed: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
+        self._background: list[asyncio.Task[None]] = []
+        self.draining = False
 
     @property
     def queues(self) -> frozenset[str]:
         return frozenset(self._processors)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
+    def in_flight(self, queue: str | None = None) -> int:
+        if queue is None:
+            return sum(self._busy.values())
+        return self._busy[queue]
 
-    def submit(self, queue: str, msg_ids: Sequence[int]) -> None:
-        """Schedules claim-and-process for `msg_ids` and returns at once."""
+    def free(self, queue: str) -> int:
+        return max(0, self._config.max_concurrency - self._busy[queue])
+
+    async def wait_for_capacity(self, queue: str) -> None:
+        while self.free(queue) == 0:
+            event = self._freed[queue]
+            event.clear()
+            await event.wait()
+
+    def start(self) -> None:
+        """Starts the heartbeat and the in-process retry of acks and archives."""
+        self._background = [
+            asyncio.create_task(self.leases.run(), name="leases"),
+            asyncio.create_task(self.settler.run(), name="settler"),
+        ]
+
+    # -- taking work -------------------------------------------------------
+
+    def offer(self, queue: str, msg_ids: Sequence[int]) -> Offer:
+        """Webhook path: claims and runs `msg_ids` in the background, if there is room."""
         if queue not in self._processors:
             raise KeyError(queue)
-        task = asyncio.create_task(self.run(queue, msg_ids), name=f"job:{queue}")
+        if self.draining:
+            return Offer.DRAINING
+        if self.free(queue) < len(msg_ids):
+            return Offer.DEFERRED
+        self._busy[queue] += len(msg_ids)
+        self._spawn(self._claim_and_run(queue, msg_ids), f"claim:{queue}")
+        return Offer.ACCEPTED
+
+    async def sweep(self, queue: str, batch_size: int) -> tuple[int, int]:
+        """Pull path: reads up to `batch_size` visible messages, as room allows, and runs them.
+
+        Returns (asked, got); got == asked suggests more are waiting.
+        """
+        asked = min(batch_size, self.free(queue))
+        if asked == 0 or self.draining:
+            return 0, 0
+        self._busy[queue] += asked
+        try:
+            messages = await self._backend.read(queue, self._config.visibility_timeout, asked)
+        except BaseException:
+            self._release(queue, asked)
+            raise
+        self._release(queue, asked - len(messages))
+        for message in messages:
+            self._start_job(queue, message)
+        return asked, len(messages)
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def run(self, queue: str, msg_ids: Sequence[int]) -> None:
-        """Claims the visible ones of `msg_ids` and processes each."""
+    def _release(self, queue: str, slots: int = 1) -> None:
+        if slots:
+            self._busy[queue] -= slots
+            self._freed[queue].set()
+
+    async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
         try:
-            claimed = await self._backend.claim(queue, msg_ids, self._vt)
+            claimed = await self._backend.claim(queue, msg_ids, self._config.visibility_timeout)
         except RpcError as error:
             metrics.RPC_ERRORS.labels("claim").inc()
             log.warning(
-                "claim failed; the message stays queued",
-                extra={"queue": queue, "msg_ids": list(msg_ids), "error": str(error)},
+                "claim failed; the message stays queued for the sweeper",
+                extra={"queue": queue, "error": str(error)},
             )
-            return
-        if not claimed:
-            log.debug("nothing to claim", extra={"queue": queue, "msg_ids": list(msg_ids)})
-        await asyncio.gather(*(self._process(queue, message) for message in claimed))
+            claimed = []
+        except BaseException:
+            self._release(queue, len(msg_ids))
+            raise
+        self._release(queue, len(msg_ids) - len(claimed))
+        for message in claimed:
+            self._start_job(queue, message)
 
-    async def _process(self, queue: str, message: QueueMessage) -> None:
+    def _start_job(self, queue: str, message: QueueMessage) -> None:
+        # The slot was reserved by offer() or sweep(); the job frees it.
+        self.leases.hold(queue, message.msg_id)
+        self._spawn(self._run(queue, message), f"job:{queue}")
+
+    # -- running a job -----------------------------------------------------
+
+    async def _run(self, queue: str, message: QueueMessage) -> None:
         started = time.perf_counter()
         context = {"queue": queue, "msg_id": message.msg_id, "attempt": message.read_ct}
-        outcome = "succeeded"
+        # Overwritten on every normal path; "error" would mean a bug in the runner
+        # itself, and "cancelled" a job stopped at shutdown.
+        outcome = "error"
         try:
-            await self._processors[queue](message)
+            outcome = await self._decide(queue, message, context)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.leases.release(queue, message.msg_id)
+            self._release(queue)
+            duration = time.perf_counter() - started
+            metrics.JOBS.labels(queue, outcome).inc()
+            metrics.JOB_DURATION.labels(queue).observe(duration)
+            log.info(
+                "job finished",
+                extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
+            )
+
+    async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
+        msg_id = message.msg_id
+        if self.settler.owes(queue, msg_id):
+            # Finished here before; only its ack or archive is outstanding.
+            self.settler.poke()
+            return "duplicate"
+        retry = self._config.retry
+        if message.read_ct > retry.max_attempts:
+            # Claimed more often than allowed without an outcome being recorded (a
+            # crash mid-job, or an archive that never landed): give up without running it.
+            error = _error_record(
+                "AttemptsExhausted",
+                f"claimed {message.read_ct} times; MAX_ATTEMPTS is {retry.max_attempts}",
+                message.read_ct,
+            )
+            await self.settler.archive(queue, msg_id, error)
+            return "archived"
+        try:
+            async with asyncio.timeout(self._config.job_timeout):
+                await self._processors[queue](message)
         except PermanentError as error:
-            outcome = "failed"
-            log.warning("job failed permanently", extra={**context, "error": str(error)})
-        except Exception as error:
-            outcome = "failed"
-            log.warning("job failed", extra={**context, "error": str(error) or repr(error)})
-        else:
-            try:
-                await self._backend.ack(queue, [message.msg_id])
-            except RpcError as error:
-                metrics.RPC_ERRORS.labels("ack").inc()
-                outcome = "ack_failed"
-                log.error("ack failed after success", extra={**context, "error": str(error)})
-        duration = time.perf_counter() - started
-        metrics.JOBS.labels(queue, outcome).inc()
-        metrics.JOB_DURATION.labels(queue).observe(duration)
-        log.info(
-            "job finished",
-            extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
+            return await self._archive(queue, message, error, context)
+        except TimeoutError:
+            timeout = RetryableError(f"job timed out after {self._config.job_timeout:g}s")
+            return await self._retry(queue, message, timeout, context)
+        except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
+            return await self._retry(queue, message, error, context)
+        await self.settler.ack(queue, msg_id)
+        return "succeeded"
+
+    async def _retry(
+        self, queue: str, message: QueueMessage, error: Exception, context: dict[str, Any]
+    ) -> str:
+        retry = self._config.retry
+        if retry.exhausted(message.read_ct):
+            return await self._archive(queue, message, error, context)
+        delay = retry.delay(message.read_ct)
+        log.warning(
+            "job failed; will retry",
+            extra={**context, "error": _describe(error), "retry_in_s": delay},
         )
+        self.leases.release(queue, message.msg_id)
+        try:
+            await self._backend.set_vt(queue, [message.msg_id], delay)
+        except RpcError as rpc_error:
+            # The lease expires on its own; the retry just comes sooner or later.
+            metrics.RPC_ERRORS.labels("set_vt").inc()
+            log.warning("retry delay not set", extra={**context, "error": str(rpc_error)})
+        return "retried"
 
-    async def drain(self, timeout: float) -> None:
-        """Waits up to `timeout` seconds for running jobs; cancels what is left.
+    async def _archive(
+        self, queue: str, message: QueueMessage, error: Exception, context: dict[str, Any]
+    ) -> str:
+        log.warning("job failed; archiving", extra={**context, "error": _describe(error)})
+        record = _error_record(type(error).__name__, _describe(error), message.read_ct)
+        await self.settler.archive(queue, message.msg_id, record)
+        return "archived"
 
-        A cancelled job's message stays claimed until its visibility timeout ends,
-        then it is visible again.
-        """
-        if not self._tasks:
-            return
-        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
+    # -- stopping ----------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stops taking work, lets running jobs finish within `grace` seconds,
+        gives the unfinished ones back to the queue and settles what is owed."""
+        self.draining = True
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            if pending:
+                unfinished = {q: self.leases.held(q) for q in self._processors}
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("shutdown cancelled unfinished jobs", extra={"count": len(pending)})
+                for queue, ids in unfinished.items():
+                    if ids:
+                        # Visible again now, for another replica or the next start.
+                        try:
+                            await self._backend.set_vt(queue, sorted(ids), 0)
+                        except RpcError:
+                            pass  # visible again when the lease runs out
+        await self.settler.close(timeout=min(max(grace, 1.0), 10.0))
+
+    async def close(self) -> None:
+        for task in self._background:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-            log.warning("shutdown cancelled unfinished jobs", extra={"count": len(pending)})
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _describe(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text[:1000]
+
+
+def _error_record(kind: str, message: str, attempt: int) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "message": message,
+        "attempt": attempt,
+        "failed_at": datetime.now(UTC).isoformat(),
+    }

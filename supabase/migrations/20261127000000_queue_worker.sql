@@ -179,8 +179,10 @@ $$;
 comment on function queue_worker.ack(text, bigint[]) is
   'Deletes processed messages (pgmq.delete) and returns the deleted ids. Callable by service_role.';
 
--- retry: make messages visible again after delay_seconds (0 = now).
-create or replace function queue_worker.retry(queue_name text, msg_ids bigint[], delay_seconds integer)
+-- set_vt: make messages visible again vt seconds from now. The worker uses it to
+-- retry with a delay (vt = backoff), to extend a running job's lease (the
+-- heartbeat) and to release a job it gives up at shutdown (vt = 0).
+create or replace function queue_worker.set_vt(queue_name text, msg_ids bigint[], vt integer)
 returns setof bigint
 language plpgsql
 set search_path = ''
@@ -189,33 +191,54 @@ declare
   id bigint;
 begin
   perform queue_worker.queue_table(queue_name);
-  if delay_seconds is null or delay_seconds < 0 then
-    raise exception 'delay_seconds must be zero or more' using errcode = '22023';
+  if vt is null or vt < 0 then
+    raise exception 'vt must be zero or more seconds' using errcode = '22023';
   end if;
   -- pgmq 1.5.1 has only the single-message set_vt(text, bigint, integer).
   foreach id in array coalesce(msg_ids, '{}') loop
-    if exists (select 1 from pgmq.set_vt(queue_name, id, delay_seconds)) then
+    if exists (select 1 from pgmq.set_vt(queue_name, id, vt)) then
       return next id;
     end if;
   end loop;
 end
 $$;
-comment on function queue_worker.retry(text, bigint[], integer) is
-  'Sets the visibility timeout of messages to now() + delay_seconds; returns the ids found. Callable by service_role.';
+comment on function queue_worker.set_vt(text, bigint[], integer) is
+  'Makes messages visible at now() + vt seconds; returns the ids found. Callable by service_role.';
 
--- archive: move messages to pgmq's archive table (the dead-letter store).
-create or replace function queue_worker.archive(queue_name text, msg_ids bigint[])
+-- archive: move messages to pgmq's archive table, the dead-letter store. `errors`
+-- maps a msg_id (as text) to the error that ended it; it is kept in the archived
+-- row's headers under "queue_worker_error" (queues created by pgmq >= 1.5 have a
+-- headers column; on older queues the error is not recorded).
+create or replace function queue_worker.archive(
+  queue_name text,
+  msg_ids bigint[],
+  errors jsonb default '{}'::jsonb
+)
 returns setof bigint
 language plpgsql
 set search_path = ''
 as $$
+declare
+  qtable text := queue_worker.queue_table(queue_name);
 begin
-  perform queue_worker.queue_table(queue_name);
+  if coalesce(errors, '{}'::jsonb) <> '{}'::jsonb and exists (
+    select 1 from pg_catalog.pg_attribute a
+    where a.attrelid = qtable::regclass and a.attname = 'headers' and not a.attisdropped
+  ) then
+    execute pg_catalog.format(
+      $q$
+      update %s q
+         set headers = coalesce(q.headers, '{}'::jsonb)
+                       || jsonb_build_object('queue_worker_error', $2 -> q.msg_id::text)
+       where q.msg_id = any($1) and $2 ? q.msg_id::text
+      $q$, qtable)
+    using msg_ids, errors;
+  end if;
   return query select a from pgmq.archive(queue_name, msg_ids) a;
 end
 $$;
-comment on function queue_worker.archive(text, bigint[]) is
-  'Moves messages to the archive table pgmq.a_<queue>; returns the archived ids. Callable by service_role.';
+comment on function queue_worker.archive(text, bigint[], jsonb) is
+  'Moves messages to pgmq.a_<queue>, recording each one''s error in its headers; returns the archived ids. Callable by service_role.';
 
 -- send: enqueue one message; returns its msg_id.
 create or replace function queue_worker.send(queue_name text, message jsonb, delay_seconds integer default 0)
@@ -334,8 +357,8 @@ grant execute on function
   queue_worker.claim(text, bigint[], integer),
   queue_worker.read(text, integer, integer),
   queue_worker.ack(text, bigint[]),
-  queue_worker.retry(text, bigint[], integer),
-  queue_worker.archive(text, bigint[]),
+  queue_worker.set_vt(text, bigint[], integer),
+  queue_worker.archive(text, bigint[], jsonb),
   queue_worker.send(text, jsonb, integer),
   queue_worker.metrics()
 to service_role;

@@ -345,28 +345,12 @@ class PgNetSender:
             worker = await stack.enter_async_context(
                 await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
             )
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    follow_redirects=True,  # pg_net sets CURLOPT_FOLLOWLOCATION
-                    # curl_multi has no connection cap: a whole batch goes out at
-                    # once, which is what makes bursts time out on a slow receiver.
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-                    # pg_net keeps no cookies between requests.
-                    cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-                    # Loopback receivers must not be routed through an environment proxy.
-                    trust_env=False,
-                )
-            )
-            # curl sends no Accept-Encoding unless asked, and pg_net stores the body
-            # as received; pg_net's own User-Agent is added per request.
-            for name in ("Accept-Encoding", "User-Agent"):
-                client.headers.pop(name, None)
             # LISTEN before the first pass: anything committed earlier is found by
             # that pass, anything committed later notifies.
             await listener.execute(sql.SQL("listen {}").format(sql.Identifier(WAKE_CHANNEL)))
             self._ready.set()
             while not self._stop.is_set():
-                while not self._stop.is_set() and await self._pass(worker, client) > 0:
+                while not self._stop.is_set() and await self._pass(worker) > 0:
                     pass
                 await self._wait_for_wake(listener)
 
@@ -375,7 +359,28 @@ class PgNetSender:
         async for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
             pass
 
-    async def _pass(self, conn: psycopg.AsyncConnection[Any], client: httpx.AsyncClient) -> int:
+    @staticmethod
+    def _client() -> httpx.AsyncClient:
+        # One client per batch, closed when the batch is done: idle keep-alive
+        # connections parked in a long-lived pool are later closed by the receiver
+        # (or outlive it in tests) and leak their transports.
+        client = httpx.AsyncClient(
+            follow_redirects=True,  # pg_net sets CURLOPT_FOLLOWLOCATION
+            # curl_multi has no connection cap: a whole batch goes out at
+            # once, which is what makes bursts time out on a slow receiver.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            # pg_net keeps no cookies between requests.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            # Loopback receivers must not be routed through an environment proxy.
+            trust_env=False,
+        )
+        # curl sends no Accept-Encoding unless asked, and pg_net stores the body
+        # as received; pg_net's own User-Agent is added per request.
+        for name in ("Accept-Encoding", "User-Agent"):
+            client.headers.pop(name, None)
+        return client
+
+    async def _pass(self, conn: psycopg.AsyncConnection[Any]) -> int:
         with self._lock:
             self._busy = True
         try:
@@ -394,7 +399,8 @@ class PgNetSender:
                     dropped += 1
                 else:
                     to_send.append(request)
-            outcomes = await asyncio.gather(*(self._send(client, r) for r in to_send))
+            async with self._client() as client:
+                outcomes = await asyncio.gather(*(self._send(client, r) for r in to_send))
             await self._record(conn, outcomes)
             with self._lock:
                 self._batches.append(len(requests))

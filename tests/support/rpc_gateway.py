@@ -515,6 +515,7 @@ class RpcGateway:
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._down = False
+        self._failing: frozenset[str] = frozenset()
         self._pool: AsyncConnectionPool | None = None
         self._port = 0
         self._url: str | None = None
@@ -592,6 +593,13 @@ class RpcGateway:
     def down(self) -> bool:
         return self._down
 
+    def fail_functions(self, *functions: str) -> None:
+        """Answers 503 PGRST000 for these function names only (none: stop failing).
+
+        Lets a test break one step, say the ack, while claims still work.
+        """
+        self._failing = frozenset(functions)
+
     @property
     def calls(self) -> Counter[str]:
         """RPC requests received per `schema.function` (refused ones included)."""
@@ -651,7 +659,7 @@ class RpcGateway:
         with self._lock:
             self._counters.calls[f"{profile or self.schemas[0]}.{fn}"] += 1
         try:
-            if self._down:
+            if self._down or fn in self._failing:
                 raise database_down_error(
                     "RpcGateway.set_down(True): the test switched the database off"
                 )

@@ -166,6 +166,8 @@ class _Handler:
         # authentication is enforced here for both modes instead.
         if not session.authenticated:
             return _AUTH_REQUIRED_REPLY
+        if self.owner.mail_delay:
+            await asyncio.sleep(self.owner.mail_delay)
         reply = self.owner._take_fault("mail")
         if reply is not None:
             return _closing_if_421(server, reply)
@@ -258,6 +260,8 @@ class SmtpServer:
         self._condition = threading.Condition()
         self._received: list[ReceivedMessage] = []
         self._faults: dict[FaultStage, _Fault] = {}
+        # Seconds to wait before answering MAIL: a slow relay, for timeouts and drains.
+        self.mail_delay = 0.0
         self._reject: RecipientMatcher | None = None
         self._reject_reply = DEFAULT_REJECT_REPLY
         self._temporary_failures_served = 0
@@ -485,6 +489,7 @@ class SmtpServer:
             self._faults.clear()
             self._reject = None
             self._reject_reply = DEFAULT_REJECT_REPLY
+            self.mail_delay = 0.0
 
     @property
     def temporary_failures_served(self) -> int:

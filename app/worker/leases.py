@@ -1,0 +1,52 @@
+"""The heartbeat: running jobs keep their messages invisible to other readers.
+
+A claim hides a message for the visibility timeout (the lease). While a job runs,
+its lease is renewed every third of that time, so a slow job is never handed to
+another reader mid-way. Renewals are batched: one `set_vt` call per queue per beat,
+whatever the number of running jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+from app.queue.backend import QueueBackend
+from app.queue.rpc import RpcError
+
+log = logging.getLogger(__name__)
+
+
+class Leases:
+    def __init__(self, backend: QueueBackend, *, vt: int) -> None:
+        self._backend = backend
+        self.vt = vt
+        self._held: defaultdict[str, set[int]] = defaultdict(set)
+
+    def hold(self, queue: str, msg_id: int) -> None:
+        self._held[queue].add(msg_id)
+
+    def release(self, queue: str, msg_id: int) -> None:
+        self._held[queue].discard(msg_id)
+
+    def held(self, queue: str) -> frozenset[int]:
+        return frozenset(self._held[queue])
+
+    async def renew(self) -> None:
+        """Extends every held lease to now + vt."""
+        for queue, ids in list(self._held.items()):
+            if not ids:
+                continue
+            try:
+                await self._backend.set_vt(queue, sorted(ids), self.vt)
+            except RpcError as error:
+                # The lease still runs until its old deadline; the next beat tries again.
+                log.warning("lease renewal failed", extra={"queue": queue, "error": str(error)})
+
+    async def run(self) -> None:
+        """Renews leases every vt/3 seconds until cancelled."""
+        interval = self.vt / 3
+        while True:
+            await asyncio.sleep(interval)
+            await self.renew()

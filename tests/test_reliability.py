@@ -1,0 +1,362 @@
+"""Nothing lost, nothing done twice: the fault-injection suite.
+
+Real components throughout: PostgreSQL with pgmq, the RPC gateway, the pg_net
+sender, the SMTP server, and the service (in-process on loopback, or as a real
+process where it is killed or signalled). Each test records its figures: messages
+sent, processed, archived, duplicated side effects, lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from tests.conftest import ServiceFactory, register_in_vault
+from tests.support.pg_net import running_sender
+from tests.support.postgres import Database
+from tests.support.process import service_process
+from tests.support.rpc_gateway import GatewayHandle
+from tests.support.smtp import SmtpServer
+from tests.support.waiting import wait_until
+from tests.test_e2e import archived_rows, queue_rows, webhook_body
+
+# Settings that make retries and sweeps happen within a test's patience.
+FAST: dict[str, Any] = {
+    "sweep_interval_seconds": 0.3,
+    "retry_base_seconds": 1,
+    "retry_max_seconds": 2,
+    "visibility_timeout_seconds": 3,
+    "max_attempts": 10,
+}
+
+Figures = Callable[..., None]
+
+
+def enqueue_many(db: Database, count: int, *, prefix: str = "job") -> dict[int, str]:
+    """Enqueues `count` email jobs in one statement; returns {msg_id: subject}."""
+    with db.connect(role="qw_postgres") as conn:
+        rows = conn.execute(
+            """
+            select pgmq.send('email_queue', jsonb_build_object(
+                     'to', 'user' || i || '@example.com',
+                     'subject', %s || '-' || i,
+                     'text', 'message ' || i)), %s || '-' || i
+            from generate_series(1, %s) as i
+            """,
+            [prefix, prefix, count],
+        ).fetchall()
+    return {int(msg_id): subject for msg_id, subject in rows}
+
+
+def delivered(smtp: SmtpServer) -> Counter[str]:
+    return Counter(str(message["Subject"]) for message in smtp.messages)
+
+
+def all_done(db: Database, smtp: SmtpServer, expected: dict[int, str]) -> bool:
+    return set(delivered(smtp)) >= set(expected.values()) and queue_rows(db) == []
+
+
+def outcome(smtp: SmtpServer, expected: dict[int, str]) -> dict[str, int]:
+    got = delivered(smtp)
+    return {
+        "sent": len(expected),
+        "processed": len(set(got) & set(expected.values())),
+        "duplicates": sum(count - 1 for count in got.values()),
+        "lost": len(set(expected.values()) - set(got)),
+    }
+
+
+def test_dropped_webhooks_are_processed_by_the_sweeper(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    with running_sender(db, drop_rate=0.3, seed=11) as sender:
+        start_service(**FAST)
+        expected = enqueue_many(db, 60)
+        wait_until(lambda: all_done(db, smtp, expected), timeout=30, what="every job")
+        sender.wait_idle()
+    result = outcome(smtp, expected)
+    figures(**result, webhooks_dropped=sender.dropped, archived=len(archived_rows(db)))
+    assert sender.dropped >= 10  # about 30% of 60
+    assert result == {"sent": 60, "processed": 60, "duplicates": 0, "lost": 0}
+    assert archived_rows(db) == []
+
+
+def test_smtp_outage_delays_mail_but_loses_none(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    with running_sender(db):
+        start_service(**FAST)
+        smtp.stop()
+        try:
+            expected = enqueue_many(db, 20)
+            # Every job has been tried against the dead server at least once.
+            wait_until(
+                lambda: len(queue_rows(db)) == 20 and all(r[1] >= 1 for r in queue_rows(db)),
+                timeout=15,
+                what="every job to fail once",
+            )
+            attempts_during_outage = sum(r[1] for r in queue_rows(db))
+        finally:
+            smtp.start()
+        wait_until(lambda: all_done(db, smtp, expected), timeout=30, what="every job")
+    result = outcome(smtp, expected)
+    figures(
+        **result, attempts_during_outage=attempts_during_outage, archived=len(archived_rows(db))
+    )
+    assert result == {"sent": 20, "processed": 20, "duplicates": 0, "lost": 0}
+    assert archived_rows(db) == []
+
+
+def test_rest_api_outage_loses_nothing(
+    db: Database,
+    start_service: ServiceFactory,
+    gateway: GatewayHandle,
+    smtp: SmtpServer,
+    figures: Figures,
+) -> None:
+    with running_sender(db) as sender:
+        start_service(**FAST)
+        gateway.set_down(True)
+        try:
+            expected = enqueue_many(db, 20)
+            sender.wait_idle()  # every webhook arrived while claims could not be made
+            time.sleep(0.5)
+            mails_during_outage = len(smtp.messages)
+        finally:
+            gateway.set_down(False)
+        wait_until(lambda: all_done(db, smtp, expected), timeout=30, what="every job")
+    result = outcome(smtp, expected)
+    figures(**result, mails_during_outage=mails_during_outage, webhooks=sender.sent)
+    assert mails_during_outage == 0
+    assert result == {"sent": 20, "processed": 20, "duplicates": 0, "lost": 0}
+
+
+def test_failed_acks_complete_later_without_running_jobs_again(
+    db: Database,
+    start_service: ServiceFactory,
+    gateway: GatewayHandle,
+    smtp: SmtpServer,
+    figures: Figures,
+) -> None:
+    with running_sender(db):
+        service = start_service(**FAST)
+        gateway.fail_functions("ack")
+        try:
+            expected = enqueue_many(db, 10)
+            wait_until(lambda: len(smtp.messages) == 10, timeout=15, what="ten mails")
+            # Leases (3 s) run out while acks fail: the sweeper sees the messages
+            # again, and the runner must recognise them as finished.
+            time.sleep(4)
+            still_queued = len(queue_rows(db))
+            pending_acks = service.services.runner.settler.pending
+            reclaimed = sum(1 for r in queue_rows(db) if r[1] > 1)
+        finally:
+            gateway.fail_functions()
+        wait_until(lambda: queue_rows(db) == [], timeout=30, what="the acks to complete")
+    result = outcome(smtp, expected)
+    figures(**result, acks_pending_during_outage=pending_acks, reclaimed_meanwhile=reclaimed)
+    assert still_queued == 10 and pending_acks == 10
+    assert reclaimed > 0, "the leases ran out, so the sweeper should have seen them again"
+    assert result == {"sent": 10, "processed": 10, "duplicates": 0, "lost": 0}
+    assert archived_rows(db) == []
+
+
+def test_killed_process_loses_nothing_and_repeats_only_jobs_in_flight(
+    db: Database, service_settings: Any, smtp: SmtpServer, figures: Figures
+) -> None:
+    settings = service_settings.model_copy(update={**FAST, "max_concurrency": 8})
+    smtp.mail_delay = 0.05  # jobs take a moment, so some are in flight at the kill
+    with running_sender(db), service_process(settings) as process:
+        register_in_vault(db, process.url, settings.webhook_secret.get_secret_value())
+        expected = enqueue_many(db, 120)
+        wait_until(lambda: len(smtp.messages) >= 30, timeout=30, what="some mails")
+        process.kill()
+        with db.connect() as conn:
+            row = conn.execute(
+                "select count(*) from pgmq.q_email_queue where read_ct > 0 and vt > now()"
+            ).fetchone()
+        in_flight_at_kill = int(row[0]) if row else 0
+        delivered_before_kill = len(smtp.messages)
+        process.start()
+        wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")
+    result = outcome(smtp, expected)
+    figures(
+        **result, delivered_before_kill=delivered_before_kill, in_flight_at_kill=in_flight_at_kill
+    )
+    assert result["lost"] == 0 and result["processed"] == 120
+    assert result["duplicates"] <= in_flight_at_kill
+    assert archived_rows(db) == []
+
+
+def test_sigterm_finishes_running_jobs_and_refuses_new_ones(
+    db: Database, service_settings: Any, smtp: SmtpServer, figures: Figures
+) -> None:
+    settings = service_settings.model_copy(
+        update={**FAST, "shutdown_grace_seconds": 15, "max_concurrency": 5}
+    )
+    smtp.mail_delay = 1.5  # each job is still running when the signal comes
+    with service_process(settings) as process:
+        headers = {"Authorization": f"Bearer {settings.webhook_secret.get_secret_value()}"}
+        running = enqueue_many(db, 5)
+        late = enqueue_many(db, 1, prefix="late")
+        for msg_id in running:
+            response = httpx.post(
+                f"{process.url}/webhooks/email_queue", json=webhook_body(msg_id), headers=headers
+            )
+            assert response.status_code == 202
+        wait_until(
+            lambda: sum(1 for r in queue_rows(db) if r[1] == 1) == 5,
+            what="five claimed jobs",
+        )
+        process.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        [late_id] = late
+        refused = httpx.post(
+            f"{process.url}/webhooks/email_queue", json=webhook_body(late_id), headers=headers
+        )
+        exit_code = process.wait(timeout=30)
+    result = outcome(smtp, running)
+    figures(**result, exit_code=exit_code, late_webhook_status=refused.status_code)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "5"
+    assert refused.json()["error"] == "shutting_down"
+    assert exit_code == 0
+    assert result == {"sent": 5, "processed": 5, "duplicates": 0, "lost": 0}
+    # Only the late message is left, untouched, for the next start.
+    assert queue_rows(db) == [(late_id, 0, False)]
+
+
+def test_replicas_process_every_message_once(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    with running_sender(db):
+        # One replica gets the webhooks; all three sweep.
+        start_service(**FAST, max_concurrency=4)
+        for _ in range(2):
+            start_service(register=False, **FAST, max_concurrency=4)
+        expected = enqueue_many(db, 150)
+        wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")
+    time.sleep(0.5)  # room for a (wrong) duplicate to arrive
+    result = outcome(smtp, expected)
+    figures(**result, replicas=3)
+    assert result == {"sent": 150, "processed": 150, "duplicates": 0, "lost": 0}
+
+
+def test_burst_beyond_capacity_is_deferred_to_the_sweeper(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    service = start_service(register=False, max_concurrency=4, sweep_interval_seconds=0.5)
+    runner = service.services.runner
+    # 300 webhooks at 64 concurrent requests against 4 slots. (The test SMTP server
+    # takes ~40 ms a mail, so more would only make the test slower; bench/ covers
+    # a burst of 10,000 for memory.)
+    expected = enqueue_many(db, 300)
+    peak = 0
+    sampling = True
+
+    def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, runner.in_flight("email_queue"))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    async def burst() -> Counter[str]:
+        headers = {"Authorization": f"Bearer {service.webhook_secret}"}
+        results: Counter[str] = Counter()
+        limit = asyncio.Semaphore(64)
+        async with httpx.AsyncClient(base_url=service.url, headers=headers) as client:
+
+            async def one(msg_id: int) -> None:
+                async with limit:
+                    response = await client.post("/webhooks/email_queue", json=webhook_body(msg_id))
+                results[f"{response.status_code} {response.json()['status']}"] += 1
+
+            await asyncio.gather(*(one(msg_id) for msg_id in expected))
+        return results
+
+    try:
+        statuses = asyncio.run(burst())
+        wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")
+    finally:
+        sampling = False
+        sampler.join()
+    result = outcome(smtp, expected)
+    figures(
+        **result,
+        accepted=statuses["202 accepted"],
+        deferred=statuses["202 deferred"],
+        peak_in_flight=peak,
+    )
+    assert sum(statuses.values()) == 300
+    assert set(statuses) <= {"202 accepted", "202 deferred"}
+    assert statuses["202 deferred"] > 0
+    assert peak <= 4
+    assert result == {"sent": 300, "processed": 300, "duplicates": 0, "lost": 0}
+
+
+def test_job_over_its_timeout_is_cancelled_and_retried(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    service = start_service(**{**FAST, "job_timeout_seconds": 0.5})
+    smtp.mail_delay = 2.0
+    [(msg_id, _)] = enqueue_many(db, 1).items()
+    httpx.post(
+        f"{service.url}/webhooks/email_queue", json=webhook_body(msg_id), headers=service.auth()
+    )
+    wait_until(
+        lambda: queue_rows(db) and queue_rows(db)[0][1] >= 2, timeout=15, what="a second attempt"
+    )
+    smtp.mail_delay = 0.0
+    wait_until(
+        lambda: len(smtp.messages) == 1 and queue_rows(db) == [], timeout=15, what="delivery"
+    )
+    time.sleep(0.5)
+    figures(attempts_timed_out_at_least=1, mails=len(smtp.messages))
+    assert len(smtp.messages) == 1
+
+
+def test_heartbeat_keeps_a_long_job_from_other_replicas(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    options = {
+        "visibility_timeout_seconds": 3,
+        "job_timeout_seconds": 20,
+        "sweep_interval_seconds": 0.2,
+    }
+    start_service(register=False, **options)
+    start_service(register=False, **options)
+    smtp.mail_delay = 5.0  # the job outlives its 3 s lease
+    enqueue_many(db, 1)
+    wait_until(
+        lambda: len(smtp.messages) == 1 and queue_rows(db) == [], timeout=20, what="delivery"
+    )
+    time.sleep(1)
+    figures(mails=len(smtp.messages), lease_seconds=3, job_seconds=5)
+    assert len(smtp.messages) == 1
+
+
+def test_retryable_failures_end_in_the_archive_after_max_attempts(
+    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+) -> None:
+    start_service(**{**FAST, "max_attempts": 3, "retry_max_seconds": 1, "retry_base_seconds": 1})
+    smtp.fail_temporarily("mail")  # 451 on every attempt
+    # No webhook: the sweeper finds the message and each retry.
+    [(msg_id, _)] = enqueue_many(db, 1).items()
+    rows = wait_until(lambda: archived_rows(db), timeout=30, what="the archive")
+    [(archived_id, read_ct, error)] = rows
+    figures(attempts=read_ct, archived=1, temporary_failures=smtp.temporary_failures_served)
+    assert (archived_id, read_ct) == (msg_id, 3)
+    assert error["type"] == "RetryableError"
+    assert "451" in error["message"]
+    assert error["attempt"] == 3
+    assert queue_rows(db) == []
