@@ -9,6 +9,7 @@ sent, processed, archived, duplicated side effects, lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServiceFactory, register_in_vault
 from tests.support.pg_net import running_sender
@@ -71,6 +73,18 @@ def outcome(smtp: SmtpServer, expected: dict[int, str]) -> dict[str, int]:
         "duplicates": sum(count - 1 for count in got.values()),
         "lost": len(set(expected.values()) - set(got)),
     }
+
+
+def succeeded_jobs(url: str) -> int:
+    """Jobs a service reports as succeeded on its /metrics."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if (
+                sample.name == "queue_worker_jobs_total"
+                and sample.labels.get("outcome") == "succeeded"
+            ):
+                return int(sample.value)
+    return 0
 
 
 def test_dropped_webhooks_are_processed_by_the_sweeper(
@@ -234,19 +248,22 @@ def test_sigterm_finishes_running_jobs_and_refuses_new_ones(
 
 
 def test_replicas_process_every_message_once(
-    db: Database, start_service: ServiceFactory, smtp: SmtpServer, figures: Figures
+    db: Database, service_settings: Any, smtp: SmtpServer, figures: Figures
 ) -> None:
-    with running_sender(db):
-        # One replica gets the webhooks; all three sweep.
-        start_service(**FAST, max_concurrency=4)
-        for _ in range(2):
-            start_service(register=False, **FAST, max_concurrency=4)
+    settings = service_settings.model_copy(update={**FAST, "max_concurrency": 4})
+    with contextlib.ExitStack() as stack, running_sender(db):
+        # Three processes on one database: one gets the webhooks, all three sweep.
+        replicas = [stack.enter_context(service_process(settings)) for _ in range(3)]
+        register_in_vault(db, replicas[0].url, settings.webhook_secret.get_secret_value())
         expected = enqueue_many(db, 150)
         wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")
-    time.sleep(0.5)  # room for a (wrong) duplicate to arrive
+        time.sleep(0.5)  # room for a (wrong) duplicate to arrive
+        per_replica = [succeeded_jobs(replica.url) for replica in replicas]
     result = outcome(smtp, expected)
-    figures(**result, replicas=3)
+    figures(**result, replicas=len(replicas), jobs_per_replica=per_replica)
     assert result == {"sent": 150, "processed": 150, "duplicates": 0, "lost": 0}
+    assert sum(per_replica) == 150
+    assert sum(1 for jobs in per_replica if jobs) >= 2, "the work should be shared"
 
 
 def test_burst_beyond_capacity_is_deferred_to_the_sweeper(

@@ -1,0 +1,195 @@
+"""Peak memory of the service during a burst of webhooks, next to a bare FastAPI endpoint.
+
+Both run as real `uvicorn` processes on loopback; the bench posts N webhooks (default
+10,000) at concurrency C for messages that really are in the queue, and reads each
+process's peak RSS (VmHWM) from /proc. The service runs with its default
+MAX_CONCURRENCY, so webhooks beyond it are deferred to the sweeper instead of held
+in memory.
+
+    uv run python -m bench.burst_memory [--webhooks 10000] [--concurrency 200]
+
+Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.support.postgres import bootstrap, fresh_database, server_url
+from tests.support.process import ROOT, ServiceProcess
+from tests.support.rpc_gateway import running_gateway
+from tests.support.servers import bound_socket
+from tests.support.settings import new_webhook_secret, settings_for
+from tests.support.smtp import running_smtp
+from tests.support.waiting import wait_until
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def webhook(msg_id: int) -> dict[str, object]:
+    return {
+        "type": "INSERT",
+        "table": "q_email_queue",
+        "schema": "pgmq",
+        "record": {"msg_id": msg_id},
+        "old_record": None,
+    }
+
+
+async def burst(
+    url: str, secret: str, ids: list[int], concurrency: int
+) -> tuple[float, Counter[str]]:
+    statuses: Counter[str] = Counter()
+    limit = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {secret}"}, limits=limits, timeout=60
+    ) as client:
+
+        async def one(msg_id: int) -> None:
+            async with limit:
+                response = await client.post("/webhooks/email_queue", json=webhook(msg_id))
+                statuses[f"{response.status_code} {response.json().get('status')}"] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in ids))
+        return time.perf_counter() - started, statuses
+
+
+@contextlib.contextmanager
+def bare_process() -> Iterator[tuple[str, int]]:
+    with contextlib.closing(bound_socket()) as sock:
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_app:app",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, timeout=30, what="the bare app")
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--webhooks", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    args = parser.parse_args()
+
+    rows: list[tuple[str, int, float, float, float, str]] = []
+    with server_url() as server, fresh_database(server, prefix="qw_bench") as db:
+        bootstrap(db)
+        with db.connect() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "select pgmq.send('email_queue', jsonb_build_object("
+                    "'to', 'u' || i || '@example.com', 'subject', 's' || i, 'text', 'x')) "
+                    "from generate_series(1, %s) i",
+                    [args.webhooks],
+                ).fetchall()
+            ]
+        with bare_process() as (url, pid):
+            idle = peak_rss_mb(pid)
+            seconds, statuses = asyncio.run(burst(url, "unused", ids, args.concurrency))
+            rows.append(
+                (
+                    "bare FastAPI endpoint",
+                    len(ids),
+                    seconds,
+                    idle,
+                    peak_rss_mb(pid),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                )
+            )
+        with (
+            running_gateway(db) as gateway,
+            running_smtp(username="bench", password=secrets.token_urlsafe(16)) as smtp,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            settings = settings_for(
+                supabase_url=gateway.url,
+                supabase_service_role_key=gateway.service_role_key,
+                webhook_secret=new_webhook_secret(),
+                smtp_host="localhost",
+                smtp_port=smtp.port,
+                smtp_user=smtp.username,
+                smtp_password=smtp.password,
+                smtp_ca_file=smtp.ca_file,
+                mail_from="bench@example.com",
+                log_level="WARNING",
+            )
+            service = ServiceProcess(settings, Path(tmp))
+            service.start()
+            try:
+                idle = peak_rss_mb(service.pid)
+                secret = settings.webhook_secret.get_secret_value()
+                seconds, statuses = asyncio.run(burst(service.url, secret, ids, args.concurrency))
+                rows.append(
+                    (
+                        "queue-worker",
+                        len(ids),
+                        seconds,
+                        idle,
+                        peak_rss_mb(service.pid),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                    )
+                )
+            finally:
+                service.stop()
+
+    print(f"burst of {args.webhooks} webhooks at concurrency {args.concurrency}")  # noqa: T201
+    columns = ("app", "requests", "seconds", "req/s", "RSS idle MB", "peak RSS MB", "answers")
+    print("{:<24}{:>10}{:>9}{:>9}{:>13}{:>13}  {}".format(*columns))  # noqa: T201
+    for name, count, seconds, idle_mb, peak_mb, answers in rows:
+        cells = (
+            name,
+            count,
+            f"{seconds:.1f}",
+            f"{count / seconds:.0f}",
+            f"{idle_mb:.1f}",
+            f"{peak_mb:.1f}",
+            answers,
+        )
+        print("{:<24}{:>10}{:>9}{:>9}{:>13}{:>13}  {}".format(*cells))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
