@@ -94,10 +94,19 @@ class Settings(BaseSettings):
     sweep_batch_size: int = Field(50, ge=1, le=1000)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
+    # Operations
+    # Bearer token of the manual API (/queues...); the API is off when unset.
+    api_token: SecretStr | None = None
+    metrics_cache_seconds: float = Field(5.0, ge=0)
+
     # Server
     host: str = "0.0.0.0"
     port: Port = 8000
+    # uvicorn worker processes started by `queue-worker`; each runs its own runner
+    # and sweeper (they share the queues like replicas do).
+    workers: int = Field(1, ge=1, le=64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -114,6 +123,10 @@ class Settings(BaseSettings):
         if len(secret.strip()) < MIN_WEBHOOK_SECRET_LENGTH:
             raise ValueError(
                 f"WEBHOOK_SECRET must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
+            )
+        if self.api_token is not None and len(self.api_token.get_secret_value().strip()) < 16:
+            raise ValueError(
+                "API_TOKEN must be at least 16 characters (or unset to turn the API off)"
             )
         key = self.supabase_service_role_key.get_secret_value()
         if key.startswith("sb_publishable_"):

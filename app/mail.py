@@ -19,6 +19,7 @@ from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
 from fastapi_mail.schemas import MultipartSubtypeEnum
 from pydantic import NameEmail
 
+from app import metrics
 from app.config import Settings
 from app.errors import PermanentError, RetryableError
 
@@ -141,7 +142,30 @@ class Mailer:
         """Sends `mail`; raises PermanentError or RetryableError on failure."""
         message = await self._compose.get_message(_schema(mail))
         assert isinstance(message, Message)  # one schema in, one message out
-        await self._deliver([message])
+        try:
+            await self._deliver([message])
+        except Exception:
+            metrics.EMAILS.labels("failed").inc()
+            raise
+        metrics.EMAILS.labels("sent").inc()
+
+    async def check(self) -> None:
+        """Connects, logs in and says NOOP: raises RetryableError (with the cause) if not."""
+        smtp = self._client()
+        try:
+            await smtp.connect()
+            await self._login(smtp)
+            await smtp.noop()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise RetryableError("SMTP check failed") from error
+        finally:
+            await self._close(smtp)
+
+    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
+        if self._settings.smtp_user and self._settings.smtp_password:
+            await smtp.login(
+                self._settings.smtp_user, self._settings.smtp_password.get_secret_value()
+            )
 
     def _client(self) -> aiosmtplib.SMTP:
         settings = self._settings
@@ -158,10 +182,7 @@ class Mailer:
         smtp = self._client()
         try:
             await smtp.connect()
-            if self._settings.smtp_user and self._settings.smtp_password:
-                await smtp.login(
-                    self._settings.smtp_user, self._settings.smtp_password.get_secret_value()
-                )
+            await self._login(smtp)
             for message in messages:
                 await smtp.send_message(message)
         except aiosmtplib.SMTPRecipientsRefused as error:

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import multiprocess
 
 from app import __version__
-from app.api import router
+from app.api import queues, router
 from app.api.deps import Services
 from app.api.errors import ApiError
 from app.config import ConfigError, Settings, load_settings
-from app.logs import configure
+from app.logs import RequestIdMiddleware, configure
 from app.mail import Mailer
+from app.metrics import QueueStats
 from app.processors import Registry
 from app.processors.email import EmailProcessor
-from app.queue.rpc import RpcQueue, SupabaseRpc
+from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
 from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,17 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error.detail, status_code=error.status_code, headers=error.headers)
 
 
+async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
+    # Only the manual API lets an RPC failure reach a response; the details stay in
+    # the log, the caller learns that Supabase did not answer as it should.
+    log.warning("request failed on an RPC", extra={"error": str(error)})
+    return JSONResponse(
+        {"error": "supabase_unavailable", "message": "the Supabase API call failed; try again"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app. Without `settings`, they are read from the environment."""
     settings = settings or load_settings()
@@ -67,13 +81,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         async with client:
             backend = RpcQueue(SupabaseRpc(client, schema=settings.rpc_schema))
-            runner = Runner(backend, build_registry(Mailer(settings)), runner_config(settings))
+            mailer = Mailer(settings)
+            processors = build_registry(mailer)
+            runner = Runner(backend, processors, runner_config(settings))
             sweeper = Sweeper(
                 runner,
                 interval=settings.sweep_interval_seconds,
                 batch_size=settings.sweep_batch_size,
             )
-            app.state.services = Services(settings=settings, runner=runner, sweeper=sweeper)
+            app.state.services = Services(
+                settings=settings,
+                backend=backend,
+                processors=processors,
+                mailer=mailer,
+                runner=runner,
+                sweeper=sweeper,
+                queue_stats=QueueStats(backend, max_age=settings.metrics_cache_seconds),
+            )
             drained = asyncio.Event()
 
             async def drain() -> None:
@@ -95,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 restore_signals()
                 await drain()
                 await runner.close()
+                if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+                    # This process's live gauges (jobs in progress) stop counting.
+                    multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
                 log.info("queue-worker stopped")
 
     app = FastAPI(
@@ -106,7 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RpcError, _rpc_error)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(router)
+    if settings.api_token is not None:
+        app.include_router(queues.router)
     return app
 
 
@@ -120,7 +151,7 @@ def __getattr__(name: str) -> FastAPI:
     except ConfigError as error:
         print(f"queue-worker: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     application = create_app(settings)
     globals()["app"] = application
     return application

@@ -1,21 +1,39 @@
 """Every Prometheus metric of the service, in one place.
 
-Labels are low-cardinality only (queue, outcome, result): never message ids or
-addresses. The worker records job metrics; the API records webhook metrics.
+Names follow Prometheus conventions (one `queue_worker_` prefix, `_total`, `_seconds`);
+labels are low-cardinality only (queue, outcome, result, function): never message ids
+or addresses. The worker records job metrics, the RPC client records RPC metrics, the
+mailer records email metrics, the API records webhook metrics, and queue depths are
+read from the database when /metrics is scraped (cached, see QueueStats).
+
+With PROMETHEUS_MULTIPROC_DIR set (several uvicorn workers), values are shared
+through files in that directory; `multiprocess_mode` says how gauges of several
+processes combine.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # the queue layer records RPC metrics: no import cycle at run time
+    from app.queue.backend import QueueBackend
+
+log = logging.getLogger(__name__)
 
 WEBHOOKS = Counter(
     "queue_worker_webhooks_total",
-    "Webhook requests received, by queue and result.",
+    "Webhook requests received, by queue and result "
+    "(accepted, deferred, ignored, unauthorized, invalid, unknown_queue, draining).",
     ["queue", "result"],
 )
 JOBS = Counter(
     "queue_worker_jobs_total",
-    "Jobs finished, by queue and outcome.",
+    "Jobs finished, by queue and outcome (succeeded, retried, archived, duplicate, cancelled).",
     ["queue", "outcome"],
 )
 JOB_DURATION = Histogram(
@@ -23,8 +41,84 @@ JOB_DURATION = Histogram(
     "Time from claim to outcome of one job.",
     ["queue"],
 )
-RPC_ERRORS = Counter(
-    "queue_worker_rpc_errors_total",
-    "Supabase RPC calls that failed, by function.",
-    ["function"],
+JOB_LATENCY = Histogram(
+    "queue_worker_job_latency_seconds",
+    "Time from enqueue to the outcome of a job's last attempt.",
+    ["queue"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
+JOBS_IN_PROGRESS = Gauge(
+    "queue_worker_jobs_in_progress",
+    "Jobs running now.",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
+LAST_SUCCESS = Gauge(
+    "queue_worker_last_success_timestamp_seconds",
+    "Unix time of the last successful job.",
+    ["queue"],
+    multiprocess_mode="max",
+)
+RPC_CALLS = Counter(
+    "queue_worker_rpc_calls_total",
+    "Supabase RPC calls, by function and result (ok, error).",
+    ["function", "result"],
+)
+RPC_DURATION = Histogram(
+    "queue_worker_rpc_duration_seconds",
+    "Latency of Supabase RPC calls.",
+    ["function"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EMAILS = Counter(
+    "queue_worker_emails_total",
+    "Emails handed to the SMTP server, by result (sent, failed).",
+    ["result"],
+)
+QUEUE_LENGTH = Gauge(
+    "queue_worker_queue_length",
+    "Messages in the queue, visible or not.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_VISIBLE = Gauge(
+    "queue_worker_queue_visible_length",
+    "Messages in the queue that a reader could take now.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "queue_worker_queue_oldest_message_age_seconds",
+    "Age of the oldest message in the queue (0 when empty).",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+
+
+class QueueStats:
+    """Queue depths from the database, refreshed at most every `max_age` seconds.
+
+    Scrapes (several Prometheus servers, Fly's scraper, a curl) never cost more
+    than one RPC per `max_age`.
+    """
+
+    def __init__(self, backend: QueueBackend, *, max_age: float) -> None:
+        self._backend = backend
+        self._max_age = max_age
+        self._fetched = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._fetched < self._max_age:
+                return
+            self._fetched = time.monotonic()
+            try:
+                rows = await self._backend.metrics()
+            except Exception as error:  # noqa: BLE001 - a scrape must still answer
+                log.warning("queue metrics unavailable", extra={"error": str(error)})
+                return
+            for row in rows:
+                QUEUE_LENGTH.labels(row.queue_name).set(row.queue_length)
+                QUEUE_VISIBLE.labels(row.queue_name).set(row.visible_length)
+                QUEUE_OLDEST_AGE.labels(row.queue_name).set(row.oldest_msg_age_sec or 0)

@@ -9,7 +9,17 @@ import pytest
 
 from tests.support.postgres import Database, apply_migrations, migration_files
 
-WORKER_FUNCTIONS = ["claim", "read", "ack", "set_vt", "archive", "send", "metrics"]
+WORKER_FUNCTIONS = [
+    "claim",
+    "read",
+    "ack",
+    "set_vt",
+    "archive",
+    "send",
+    "metrics",
+    "archived",
+    "replay",
+]
 
 # What pgmq 1.5.1 offers (SUPABASE-FACTS.md); the migrations may call nothing else.
 PGMQ_151 = {

@@ -287,7 +287,9 @@ def test_read_and_metrics(gateway: RpcGateway, client: httpx.Client, db: Databas
     by_queue = {m["queue_name"]: m for m in metrics.json()}
     assert set(by_queue) == {"email_queue", "reports_queue", "payments_queue"}
     assert by_queue["reports_queue"]["queue_length"] == 3
-    assert datetime.fromisoformat(by_queue["reports_queue"]["scrape_time"]).utcoffset() is not None
+    assert by_queue["reports_queue"]["visible_length"] == 1
+    # Timestamps come as ISO-8601 with an offset.
+    assert datetime.fromisoformat(read.json()[0]["enqueued_at"]).utcoffset() is not None
 
 
 # -- keys and roles ---------------------------------------------------------------

@@ -9,6 +9,10 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.config import Settings
+from app.mail import Mailer
+from app.metrics import QueueStats
+from app.processors import Registry
+from app.queue.backend import QueueBackend
 from app.worker import Runner, Sweeper
 
 
@@ -17,8 +21,12 @@ class Services:
     """Everything long-lived that routes need, created by the lifespan."""
 
     settings: Settings
+    backend: QueueBackend
+    processors: Registry
+    mailer: Mailer
     runner: Runner
     sweeper: Sweeper
+    queue_stats: QueueStats
 
 
 def get_services(request: Request) -> Services:
@@ -29,16 +37,16 @@ def get_services(request: Request) -> Services:
 class BearerSecret:
     """Checks `Authorization: Bearer <secret>` in constant time.
 
-    `setting` names the Settings field holding the secret. An empty secret is
-    never accepted: it would verify anything.
+    `setting` names the Settings field holding the secret. An empty or unset
+    secret is never accepted: it would verify anything.
     """
 
     def __init__(self, setting: str) -> None:
         self._setting = setting
 
     def __call__(self, request: Request) -> None:
-        settings = get_services(request).settings
-        secret = getattr(settings, self._setting).get_secret_value().encode()
+        configured = getattr(get_services(request).settings, self._setting)
+        secret = configured.get_secret_value().encode() if configured is not None else b""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         ok = (

@@ -1,12 +1,25 @@
-"""`GET /health` (liveness, no remote calls) and `GET /metrics` (Prometheus)."""
+"""`GET /health` (liveness), `GET /health/ready` (readiness) and `GET /metrics`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
-from prometheus_client import REGISTRY
+import asyncio
+import os
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from app.api.deps import Services, get_services
+from app.errors import JobError
+from app.queue.rpc import RpcError
 
 router = APIRouter(tags=["operations"])
+
+CHECK_TIMEOUT_SECONDS = 5.0
 
 
 @router.get("/health")
@@ -15,8 +28,68 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _check_rpc(services: Services) -> str:
+    try:
+        await services.backend.metrics()
+    except RpcError as error:
+        return f"failed (HTTP {error.status})" if error.status else "failed (no response)"
+    return "ok"
+
+
+async def _check_smtp(services: Services) -> str:
+    try:
+        await services.mailer.check()
+    except JobError as error:
+        return f"failed ({error.__cause__.__class__.__name__ if error.__cause__ else 'SMTP'})"
+    return "ok"
+
+
+def _check_sweeper(services: Services) -> str:
+    last = services.sweeper.last_sweep
+    if last is None:
+        return "not started"
+    age = time.monotonic() - last
+    # One interval between passes, plus room for a slow pass.
+    if age > 2 * services.sweeper.interval + 30:
+        return f"stale (last pass {age:.0f}s ago)"
+    return "ok"
+
+
+@router.get("/health/ready")
+async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
+    """Readiness: Supabase RPC answers, SMTP accepts a connection, the sweeper runs.
+
+    503 names the failed check. Shows no secrets and no configuration values.
+    """
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            rpc, smtp = await asyncio.gather(_check_rpc(services), _check_smtp(services))
+    except TimeoutError:
+        rpc, smtp = "failed (timeout)", "failed (timeout)"
+    checks = {"rpc": rpc, "smtp": smtp, "sweeper": _check_sweeper(services)}
+    if services.runner.draining:
+        checks["shutdown"] = "draining"
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "checks": checks},
+        status_code=200 if ok else 503,
+    )
+
+
+def _registry() -> CollectorRegistry:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        # Several worker processes: merge what each wrote to the shared directory.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return REGISTRY
+
+
 @router.get("/metrics", response_class=Response)
-async def prometheus_metrics(request: Request) -> Response:
+async def prometheus_metrics(
+    request: Request, services: Annotated[Services, Depends(get_services)]
+) -> Response:
     """Prometheus exposition, text 0.0.4 by default or what the scraper's Accept asks."""
+    await services.queue_stats.refresh()
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(REGISTRY), media_type=content_type)
+    return Response(encoder(_registry()), media_type=content_type)

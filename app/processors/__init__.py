@@ -16,7 +16,10 @@ from app.queue.models import QueueMessage
 
 
 class Processor(Protocol):
-    """Processes one claimed message of its queue."""
+    """Processes one claimed message of its queue; `model` validates its messages."""
+
+    @property
+    def model(self) -> type[BaseModel]: ...
 
     async def __call__(self, message: QueueMessage) -> None: ...
 

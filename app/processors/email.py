@@ -30,11 +30,13 @@ class EmailJob(BaseModel):
 class EmailProcessor:
     """Sends the mail a message describes."""
 
+    model = EmailJob
+
     def __init__(self, mailer: Mailer) -> None:
         self._mailer = mailer
 
     async def __call__(self, message: QueueMessage) -> None:
-        job = parse_job(EmailJob, message)
+        job = parse_job(self.model, message)
         await self._mailer.send(
             Mail(to=[job.to], subject=job.subject, text=job.text, html=job.html)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -11,15 +12,28 @@ from app.queue.models import QueueMessage
 
 
 class QueueMetrics(BaseModel):
-    """Depth and age of one queue (pgmq.metrics)."""
+    """Depth and age of one queue."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     queue_name: str
     queue_length: int
-    newest_msg_age_sec: int | None = None
+    visible_length: int
     oldest_msg_age_sec: int | None = None
-    total_messages: int
+    newest_msg_age_sec: int | None = None
+
+
+class ArchivedMessage(BaseModel):
+    """A dead message and the error that ended it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    msg_id: int
+    read_ct: int
+    enqueued_at: datetime
+    archived_at: datetime
+    message: Any = None
+    error: dict[str, Any] | None = None
 
 
 class QueueBackend(Protocol):
@@ -63,4 +77,14 @@ class QueueBackend(Protocol):
 
     async def metrics(self) -> list[QueueMetrics]:
         """Depth and age of the worker's queues."""
+        ...
+
+    async def archived(
+        self, queue: str, limit: int, before_id: int | None = None
+    ) -> list[ArchivedMessage]:
+        """Archived messages, newest first, with msg_id below `before_id` when given."""
+        ...
+
+    async def replay(self, queue: str, msg_id: int) -> int | None:
+        """Moves an archived message back onto its queue; its new msg_id, None if absent."""
         ...

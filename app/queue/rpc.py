@@ -6,13 +6,14 @@ database transaction on the server, so callers pass arrays of ids.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 
-from app import __version__
-from app.queue.backend import QueueMetrics
+from app import __version__, metrics
+from app.queue.backend import ArchivedMessage, QueueMetrics
 from app.queue.models import QueueMessage
 
 
@@ -77,6 +78,17 @@ class SupabaseRpc:
 
     async def call(self, function: str, args: dict[str, Any]) -> Any:
         """Calls `function` with named arguments; returns the decoded JSON (None for 204)."""
+        started = time.perf_counter()
+        result = "error"
+        try:
+            value = await self._call(function, args)
+            result = "ok"
+            return value
+        finally:
+            metrics.RPC_CALLS.labels(function, result).inc()
+            metrics.RPC_DURATION.labels(function).observe(time.perf_counter() - started)
+
+    async def _call(self, function: str, args: dict[str, Any]) -> Any:
         try:
             response = await self._client.post(
                 function, json=args, headers={"Content-Profile": self._schema}
@@ -158,3 +170,15 @@ class RpcQueue:
     async def metrics(self) -> list[QueueMetrics]:
         rows = await self._rpc.call("metrics", {})
         return [QueueMetrics.model_validate(row) for row in rows]
+
+    async def archived(
+        self, queue: str, limit: int, before_id: int | None = None
+    ) -> list[ArchivedMessage]:
+        rows = await self._rpc.call(
+            "archived", {"queue_name": queue, "max_rows": limit, "before_id": before_id}
+        )
+        return [ArchivedMessage.model_validate(row) for row in rows]
+
+    async def replay(self, queue: str, msg_id: int) -> int | None:
+        new_id = await self._rpc.call("replay", {"queue_name": queue, "msg_id": msg_id})
+        return None if new_id is None else int(new_id)

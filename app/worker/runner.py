@@ -144,7 +144,6 @@ class Runner:
         try:
             claimed = await self._backend.claim(queue, msg_ids, self._config.visibility_timeout)
         except RpcError as error:
-            metrics.RPC_ERRORS.labels("claim").inc()
             log.warning(
                 "claim failed; the message stays queued for the sweeper",
                 extra={"queue": queue, "error": str(error)},
@@ -170,17 +169,27 @@ class Runner:
         # Overwritten on every normal path; "error" would mean a bug in the runner
         # itself, and "cancelled" a job stopped at shutdown.
         outcome = "error"
+        in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
+        in_progress.inc()
         try:
             outcome = await self._decide(queue, message, context)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
+            in_progress.dec()
             self.leases.release(queue, message.msg_id)
             self._release(queue)
             duration = time.perf_counter() - started
             metrics.JOBS.labels(queue, outcome).inc()
             metrics.JOB_DURATION.labels(queue).observe(duration)
+            if outcome in ("succeeded", "archived"):
+                finished = datetime.now(UTC)
+                metrics.JOB_LATENCY.labels(queue).observe(
+                    (finished - message.enqueued_at).total_seconds()
+                )
+                if outcome == "succeeded":
+                    metrics.LAST_SUCCESS.labels(queue).set(finished.timestamp())
             log.info(
                 "job finished",
                 extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
@@ -232,7 +241,6 @@ class Runner:
             await self._backend.set_vt(queue, [message.msg_id], delay)
         except RpcError as rpc_error:
             # The lease expires on its own; the retry just comes sooner or later.
-            metrics.RPC_ERRORS.labels("set_vt").inc()
             log.warning("retry delay not set", extra={**context, "error": str(rpc_error)})
         return "retried"
 

@@ -15,7 +15,6 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from app import metrics
 from app.queue.backend import QueueBackend
 from app.queue.rpc import RpcError
 
@@ -50,7 +49,6 @@ class Settler:
         try:
             await self._backend.ack(queue, [msg_id])
         except RpcError as error:
-            metrics.RPC_ERRORS.labels("ack").inc()
             log.warning(
                 "ack failed; retrying in-process",
                 extra={"queue": queue, "msg_id": msg_id, "error": str(error)},
@@ -65,7 +63,6 @@ class Settler:
         try:
             await self._backend.archive(queue, [msg_id], {msg_id: error})
         except RpcError as rpc_error:
-            metrics.RPC_ERRORS.labels("archive").inc()
             log.warning(
                 "archive failed; retrying in-process",
                 extra={"queue": queue, "msg_id": msg_id, "error": str(rpc_error)},

@@ -10,6 +10,7 @@ every slot busy; when the queue is empty it waits `interval` seconds (or a wake-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -22,11 +23,11 @@ log = logging.getLogger(__name__)
 class Sweeper:
     def __init__(self, runner: Runner, *, interval: float, batch_size: int) -> None:
         self._runner = runner
-        self._interval = interval
         self._batch_size = batch_size
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.last_sweep: float | None = None  # monotonic time of the last completed pass
+        self.last_sweep: float | None = None  # monotonic time of the last pass
+        self.interval = interval
 
     def start(self) -> None:
         self._tasks = [
@@ -46,15 +47,17 @@ class Sweeper:
                 log.warning("sweep failed", extra={"queue": queue, "error": str(error)})
                 asked, got = 0, 0
             self.last_sweep = time.monotonic()
-            if asked and got == asked:
-                # A full batch: more is probably waiting. Continue as slots free up.
-                await self._runner.wait_for_capacity(queue)
-                continue
-            if asked == 0 and got == 0 and self._runner.free(queue) == 0:
-                await self._runner.wait_for_capacity(queue)
+            if (asked and got == asked) or self._runner.free(queue) == 0:
+                # A full batch (more is probably waiting) or no free slot: continue
+                # as slots free up, but at least every interval so that readiness
+                # sees the sweeper alive while long jobs hold every slot.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._runner.wait_for_capacity(queue), timeout=self.interval
+                    )
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
             except TimeoutError:
                 pass
             self._wake.clear()

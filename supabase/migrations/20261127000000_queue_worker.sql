@@ -257,28 +257,106 @@ $$;
 comment on function queue_worker.send(text, jsonb, integer) is
   'Enqueues one message (pgmq.send) and returns its msg_id. Callable by service_role.';
 
--- metrics: depth and age of each of the worker's queues (pgmq.metrics).
+-- metrics: depth, visible length and age of each of the worker's queues, in one
+-- call (the service caches it for a few seconds, so scrapes never hammer the
+-- database). Computed here rather than from pgmq.metrics, whose columns differ
+-- between pgmq versions.
 create or replace function queue_worker.metrics()
 returns table (
   queue_name text,
   queue_length bigint,
-  newest_msg_age_sec integer,
+  visible_length bigint,
   oldest_msg_age_sec integer,
-  total_messages bigint,
-  scrape_time timestamptz
+  newest_msg_age_sec integer
 )
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
-  select m.queue_name::text, m.queue_length, m.newest_msg_age_sec, m.oldest_msg_age_sec,
-         m.total_messages, m.scrape_time
-  from pgmq.meta q
-  cross join lateral pgmq.metrics(q.queue_name) m
-  where q.queue_name in ('email_queue', 'reports_queue', 'payments_queue')
+declare
+  q text;
+begin
+  for q in
+    select m.queue_name from pgmq.meta m
+    where m.queue_name in ('email_queue', 'reports_queue', 'payments_queue')
+    order by m.queue_name
+  loop
+    return query execute pg_catalog.format(
+      $f$
+      select %L::text, count(*), count(*) filter (where vt <= pg_catalog.now()),
+             extract(epoch from (pg_catalog.now() - min(enqueued_at)))::integer,
+             extract(epoch from (pg_catalog.now() - max(enqueued_at)))::integer
+      from %s
+      $f$, q, queue_worker.queue_table(q));
+  end loop;
+end
 $$;
 comment on function queue_worker.metrics() is
-  'Depth, oldest and newest message age of the worker''s queues (pgmq.metrics). Callable by service_role.';
+  'Length, visible length, oldest and newest message age of the worker''s queues. Callable by service_role.';
+
+-- archived: dead messages of a queue with the error that ended them, newest first,
+-- paginated by msg_id (pass the last msg_id seen as before_id).
+create or replace function queue_worker.archived(
+  queue_name text,
+  max_rows integer default 50,
+  before_id bigint default null
+)
+returns table (
+  msg_id bigint,
+  read_ct integer,
+  enqueued_at timestamptz,
+  archived_at timestamptz,
+  message jsonb,
+  error jsonb
+)
+language plpgsql
+stable
+set search_path = ''
+as $$
+begin
+  perform queue_worker.queue_table(queue_name);
+  return query execute pg_catalog.format(
+    $f$
+    select a.msg_id, a.read_ct, a.enqueued_at, a.archived_at, a.message,
+           pg_catalog.to_jsonb(a) -> 'headers' -> 'queue_worker_error'
+    from pgmq.%I a
+    where $1 is null or a.msg_id < $1
+    order by a.msg_id desc
+    limit least(greatest(coalesce($2, 50), 1), 500)
+    $f$, 'a_' || queue_name)
+  using before_id, max_rows;
+end
+$$;
+comment on function queue_worker.archived(text, integer, bigint) is
+  'Archived (dead) messages of a queue with their recorded error, newest first. Callable by service_role.';
+
+-- replay: put an archived message back on its queue as a new message; returns the
+-- new msg_id, or null when no such archived message exists.
+create or replace function queue_worker.replay(queue_name text, msg_id bigint)
+returns bigint
+language plpgsql
+set search_path = ''
+as $$
+declare
+  body jsonb;
+  new_id bigint;
+  moved integer;
+begin
+  perform queue_worker.queue_table(queue_name);
+  execute pg_catalog.format(
+    'delete from pgmq.%I a where a.msg_id = $1 returning a.message', 'a_' || queue_name)
+  into body
+  using replay.msg_id;
+  get diagnostics moved = row_count;
+  if moved = 0 then
+    return null;
+  end if;
+  select s into new_id from pgmq.send(queue_name, body) s;
+  return new_id;
+end
+$$;
+comment on function queue_worker.replay(text, bigint) is
+  'Moves an archived message back onto its queue as a new message; returns the new msg_id. Callable by service_role.';
 
 -- ---------------------------------------------------------------------------
 -- Webhook triggers: each new queue row rings the worker's doorbell through
@@ -360,5 +438,7 @@ grant execute on function
   queue_worker.set_vt(text, bigint[], integer),
   queue_worker.archive(text, bigint[], jsonb),
   queue_worker.send(text, jsonb, integer),
-  queue_worker.metrics()
+  queue_worker.metrics(),
+  queue_worker.archived(text, integer, bigint),
+  queue_worker.replay(text, bigint)
 to service_role;

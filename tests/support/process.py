@@ -40,10 +40,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class ServiceProcess:
     """`python -m uvicorn app.main:app` on a loopback port, started and stopped at will."""
 
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, log_dir: Path, *, console_script: bool = False) -> None:
         with contextlib.closing(bound_socket()) as sock:
             self.port = sock.getsockname()[1]
+        # `queue-worker` (app.cli) reads HOST/PORT from the settings; uvicorn from flags.
+        self.console_script = console_script
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_dir = log_dir
         self._process: subprocess.Popen[bytes] | None = None
@@ -118,9 +120,11 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def service_process(settings: Settings) -> Iterator[ServiceProcess]:
+def service_process(
+    settings: Settings, *, console_script: bool = False
+) -> Iterator[ServiceProcess]:
     with tempfile.TemporaryDirectory(prefix="qw-service-") as tmp:
-        process = ServiceProcess(settings, Path(tmp))
+        process = ServiceProcess(settings, Path(tmp), console_script=console_script)
         process.start()
         try:
             yield process

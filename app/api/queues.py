@@ -1,0 +1,102 @@
+"""The manual API for operators with curl: enqueue, sweep, inspect and replay.
+
+Authenticated by `Authorization: Bearer <API_TOKEN>`, separate from the webhook
+secret. Mounted only when API_TOKEN is set.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.api.deps import BearerSecret, Services, get_services
+from app.api.errors import ApiError
+
+router = APIRouter(
+    prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
+)
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _served(services: Services, queue: str) -> None:
+    if queue not in services.processors:
+        raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")
+
+
+@router.post("/{queue}/messages", status_code=201)
+async def enqueue(
+    queue: str,
+    services: ServicesDep,
+    message: Annotated[dict[str, Any], Body()],
+    delay_seconds: Annotated[int, Query(ge=0, le=86_400 * 7)] = 0,
+) -> dict[str, Any]:
+    """Validates a job against its queue's message model and enqueues it."""
+    _served(services, queue)
+    try:
+        services.processors[queue].model.model_validate(message)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or 'message'}: {item['msg']}"
+            for item in error.errors(include_input=False, include_url=False)
+        )
+        raise ApiError(422, "invalid_message", problems) from None
+    msg_id = await services.backend.send(queue, message, delay_seconds)
+    return {"queue": queue, "msg_id": msg_id}
+
+
+@router.post("/{queue}/drain", status_code=202)
+async def drain(queue: str, services: ServicesDep) -> dict[str, str]:
+    """Runs a sweep now instead of at the next interval."""
+    _served(services, queue)
+    services.sweeper.wake()
+    return {"status": "sweeping", "queue": queue}
+
+
+@router.get("")
+async def list_queues(services: ServicesDep) -> dict[str, Any]:
+    """Depth, visible length, oldest message age and jobs in flight per queue."""
+    rows = {row.queue_name: row for row in await services.backend.metrics()}
+    queues = []
+    for name in sorted(services.processors):
+        row = rows.get(name)
+        queues.append(
+            {
+                "queue": name,
+                "length": row.queue_length if row else None,
+                "visible": row.visible_length if row else None,
+                "oldest_age_seconds": row.oldest_msg_age_sec if row else None,
+                "in_flight": services.runner.in_flight(name),
+            }
+        )
+    return {"queues": queues}
+
+
+@router.get("/{queue}/archive")
+async def archive(
+    queue: str,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[int | None, Query(ge=1, description="msg_id cursor from `next`")] = None,
+) -> dict[str, Any]:
+    """Archived (dead) messages with their recorded error, newest first."""
+    _served(services, queue)
+    rows = await services.backend.archived(queue, limit, before)
+    return {
+        "queue": queue,
+        "messages": [row.model_dump(mode="json") for row in rows],
+        "next": rows[-1].msg_id if len(rows) == limit else None,
+    }
+
+
+@router.post("/{queue}/archive/{msg_id}/replay", status_code=201)
+async def replay(queue: str, msg_id: int, services: ServicesDep) -> JSONResponse:
+    """Puts one archived message back on its queue as a new message."""
+    _served(services, queue)
+    new_id = await services.backend.replay(queue, msg_id)
+    if new_id is None:
+        raise ApiError(404, "not_archived", f"no archived message {msg_id} in {queue}")
+    return JSONResponse({"queue": queue, "replayed": msg_id, "msg_id": new_id}, status_code=201)
