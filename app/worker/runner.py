@@ -18,6 +18,7 @@ the queue for the sweeper, so memory does not grow with a burst.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -258,21 +259,23 @@ class Runner:
         """Stops taking work, lets running jobs finish within `grace` seconds,
         gives the unfinished ones back to the queue and settles what is owed."""
         self.draining = True
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            if pending:
-                unfinished = {q: self.leases.held(q) for q in self._processors}
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                log.warning("shutdown cancelled unfinished jobs", extra={"count": len(pending)})
-                for queue, ids in unfinished.items():
-                    if ids:
-                        # Visible again now, for another replica or the next start.
-                        try:
-                            await self._backend.set_vt(queue, sorted(ids), 0)
-                        except RpcError:
-                            pass  # visible again when the lease runs out
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Claims under way start jobs of their own: wait until no task is left.
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        pending = set(self._tasks)
+        if pending:
+            unfinished = {q: self.leases.held(q) for q in self._processors}
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("shutdown cancelled unfinished jobs", extra={"count": len(pending)})
+            for queue, ids in unfinished.items():
+                if ids:
+                    # Visible again now, for another replica or the next start.
+                    with contextlib.suppress(RpcError):  # else when the lease runs out
+                        await self._backend.set_vt(queue, sorted(ids), 0)
         await self.settler.close(timeout=min(max(grace, 1.0), 10.0))
 
     async def close(self) -> None:
