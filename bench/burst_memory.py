@@ -31,7 +31,7 @@ from tests.support.postgres import bootstrap, fresh_database, server_url
 from tests.support.process import ROOT, ServiceProcess
 from tests.support.rpc_gateway import running_gateway
 from tests.support.servers import bound_socket
-from tests.support.settings import new_webhook_secret, settings_for
+from tests.support.settings import settings_against
 from tests.support.smtp import running_smtp
 from tests.support.waiting import wait_until
 
@@ -144,17 +144,8 @@ def main() -> None:
             running_smtp(username="bench", password=secrets.token_urlsafe(16)) as smtp,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            settings = settings_for(
-                supabase_url=gateway.url,
-                supabase_service_role_key=gateway.service_role_key,
-                webhook_secret=new_webhook_secret(),
-                smtp_host="localhost",
-                smtp_port=smtp.port,
-                smtp_user=smtp.username,
-                smtp_password=smtp.password,
-                smtp_ca_file=smtp.ca_file,
-                mail_from="bench@example.com",
-                log_level="WARNING",
+            settings = settings_against(
+                gateway, smtp, mail_from="bench@example.com", log_level="WARNING"
             )
             service = ServiceProcess(settings, Path(tmp))
             service.start()

@@ -23,7 +23,7 @@ from tests.support.pg_net import PgNetSender, running_sender
 from tests.support.postgres import Database, bootstrap, fresh_database, reset, server_url
 from tests.support.rpc_gateway import GatewayHandle, running_gateway
 from tests.support.servers import serve_in_thread
-from tests.support.settings import new_webhook_secret, settings_for
+from tests.support.settings import settings_against
 from tests.support.smtp import SmtpServer, running_smtp
 
 MAIL_FROM = "worker@example.com"
@@ -90,15 +90,9 @@ def service_settings(gateway: GatewayHandle, smtp: SmtpServer) -> Settings:
     The sweeper waits an hour between passes here, so these tests see the webhook
     path alone; reliability tests shorten it.
     """
-    return settings_for(
-        supabase_url=gateway.url,
-        supabase_service_role_key=gateway.service_role_key,
-        webhook_secret=new_webhook_secret(),
-        smtp_host="localhost",
-        smtp_port=smtp.port,
-        smtp_user=smtp.username,
-        smtp_password=smtp.password,
-        smtp_ca_file=smtp.ca_file,
+    return settings_against(
+        gateway,
+        smtp,
         mail_from=MAIL_FROM,
         mail_from_name="Queue Worker",
         sweep_interval_seconds=3600,
@@ -140,9 +134,7 @@ ServiceFactory = Callable[..., Service]
 
 
 @pytest.fixture
-def start_service(
-    db: Database, service_settings: Settings
-) -> Iterator[ServiceFactory]:
+def start_service(db: Database, service_settings: Settings) -> Iterator[ServiceFactory]:
     """Starts services on loopback: `start_service(register=True, **setting_overrides)`.
 
     With `register`, the service's URL and secret go into Vault so the triggers

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Service
 from tests.support.postgres import Database
+from tests.support.scrape import sample
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import enqueue, queue_rows, webhook_body
@@ -149,12 +150,7 @@ def test_health_is_ok(service: Service) -> None:
 
 def metric(service: Service, name: str, **labels: str) -> float:
     """The current value of one sample of the service's /metrics, 0 when absent."""
-    text = httpx.get(f"{service.url}/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    return sample(service.url, name, **labels)
 
 
 def test_metrics_are_prometheus_text(service: Service) -> None:

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from app.logs import JsonFormatter
@@ -17,6 +16,7 @@ from tests.conftest import Service, ServiceFactory
 from tests.support.postgres import Database
 from tests.support.process import service_process
 from tests.support.rpc_gateway import GatewayHandle
+from tests.support.scrape import sample
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_api import metric
@@ -233,15 +233,9 @@ def test_several_workers_report_one_set_of_metrics(
         wait_until(lambda: queue_rows(db) == [], what="every message to be deleted")
 
         def succeeded() -> float:
-            text = httpx.get(f"{process.url}/metrics").text
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "queue_worker_jobs_total" and sample.labels == {
-                        "queue": "email_queue",
-                        "outcome": "succeeded",
-                    }:
-                        return sample.value
-            return 0.0
+            return sample(
+                process.url, "queue_worker_jobs_total", queue="email_queue", outcome="succeeded"
+            )
 
         # Whichever worker answers the scrape, it reports both workers' jobs.
         assert {succeeded() for _ in range(10)} == {20.0}

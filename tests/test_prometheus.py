@@ -11,7 +11,6 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Service
 from tests.support.pg_net import PgNetSender
@@ -22,6 +21,7 @@ from tests.support.prometheus import (
     running_prometheus,
     sample_value,
 )
+from tests.support.scrape import sample
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import enqueue
@@ -32,15 +32,7 @@ SUCCEEDED = 'queue_worker_jobs_total{queue="email_queue",outcome="succeeded"}'
 
 def own_succeeded(service: Service) -> float:
     """The service's own `queue_worker_jobs_total` for succeeded email jobs (0 if none yet)."""
-    text = httpx.get(f"{service.url}/metrics").raise_for_status().text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "queue_worker_jobs_total" and sample.labels == {
-                "queue": "email_queue",
-                "outcome": "succeeded",
-            }:
-                return sample.value
-    return 0.0
+    return sample(service.url, "queue_worker_jobs_total", queue="email_queue", outcome="succeeded")
 
 
 def run_jobs(db: Database, smtp: SmtpServer, count: int) -> None:

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServiceFactory, register_in_vault
 from tests.support.pg_net import running_sender
 from tests.support.postgres import Database
 from tests.support.process import service_process
 from tests.support.rpc_gateway import GatewayHandle
+from tests.support.scrape import sample
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, queue_rows, webhook_body
@@ -73,18 +73,6 @@ def outcome(smtp: SmtpServer, expected: dict[int, str]) -> dict[str, int]:
         "duplicates": sum(count - 1 for count in got.values()),
         "lost": len(set(expected.values()) - set(got)),
     }
-
-
-def succeeded_jobs(url: str) -> int:
-    """Jobs a service reports as succeeded on its /metrics."""
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if (
-                sample.name == "queue_worker_jobs_total"
-                and sample.labels.get("outcome") == "succeeded"
-            ):
-                return int(sample.value)
-    return 0
 
 
 def test_dropped_webhooks_are_processed_by_the_sweeper(
@@ -258,7 +246,10 @@ def test_replicas_process_every_message_once(
         expected = enqueue_many(db, 150)
         wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")
         time.sleep(0.5)  # room for a (wrong) duplicate to arrive
-        per_replica = [succeeded_jobs(replica.url) for replica in replicas]
+        per_replica = [
+            int(sample(r.url, "queue_worker_jobs_total", queue="email_queue", outcome="succeeded"))
+            for r in replicas
+        ]
     result = outcome(smtp, expected)
     figures(**result, replicas=len(replicas), jobs_per_replica=per_replica)
     assert result == {"sent": 150, "processed": 150, "duplicates": 0, "lost": 0}

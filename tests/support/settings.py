@@ -6,6 +6,8 @@ import secrets
 from typing import Any
 
 from app.config import Settings
+from tests.support.rpc_gateway import RpcGateway
+from tests.support.smtp import SmtpServer
 
 # Every variable the service reads; tests clear them so the developer's own
 # environment or .env cannot leak in.
@@ -40,3 +42,19 @@ def new_webhook_secret() -> str:
 def settings_for(**values: Any) -> Settings:
     """Settings from explicit values only (no environment, no .env file)."""
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def settings_against(gateway: RpcGateway, smtp: SmtpServer, **overrides: Any) -> Settings:
+    """Settings pointing the service at a running gateway and SMTP server."""
+    values: dict[str, Any] = {
+        "supabase_url": gateway.url,
+        "supabase_service_role_key": gateway.service_role_key,
+        "webhook_secret": new_webhook_secret(),
+        "smtp_host": "localhost",
+        "smtp_port": smtp.port,
+        "smtp_user": smtp.username,
+        "smtp_password": smtp.password,
+        "smtp_ca_file": smtp.ca_file,
+        "mail_from": "worker@example.com",
+    }
+    return settings_for(**{**values, **overrides})
