@@ -9,6 +9,7 @@ the server or our credentials are not, and retrying later can succeed).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import aiosmtplib
 from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
 from fastapi_mail.schemas import MultipartSubtypeEnum
 from pydantic import NameEmail
+from starlette.datastructures import Headers, UploadFile
 
 from app import metrics
 from app.config import Settings
@@ -27,16 +29,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Address:
+    """An address with an optional display name."""
+
+    email: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
 class Mail:
     """A mail ready to send: at least one of `text` and `html`."""
 
-    to: list[str]
+    to: list[Address]
     subject: str
     text: str | None = None
     html: str | None = None
-    cc: list[str] = field(default_factory=list)
-    bcc: list[str] = field(default_factory=list)
-    reply_to: list[str] = field(default_factory=list)
+    cc: list[Address] = field(default_factory=list)
+    bcc: list[Address] = field(default_factory=list)
+    reply_to: list[Address] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
 
 
 def connection_config(settings: Settings) -> ConnectionConfig:
@@ -66,10 +84,18 @@ def connection_config(settings: Settings) -> ConnectionConfig:
     )
 
 
-def _addresses(addresses: list[str]) -> list[NameEmail]:
-    # A bare address given to fastapi-mail as a string gets its local part as a
-    # display name ("a <a@example.com>"); a name equal to the address is omitted.
-    return [NameEmail(address, address) for address in addresses]
+def _addresses(addresses: list[Address]) -> list[NameEmail]:
+    # fastapi-mail would give a bare address its local part as a display name
+    # ("a <a@example.com>"); a name equal to the address is left out instead.
+    return [NameEmail(a.name or a.email, a.email) for a in addresses]
+
+
+def _upload(attachment: Attachment) -> UploadFile:
+    return UploadFile(
+        file=io.BytesIO(attachment.content),
+        filename=attachment.filename,
+        headers=Headers({"content-type": attachment.content_type}),
+    )
 
 
 def _schema(mail: Mail) -> MessageSchema:
@@ -79,6 +105,7 @@ def _schema(mail: Mail) -> MessageSchema:
         "bcc": _addresses(mail.bcc),
         "reply_to": _addresses(mail.reply_to),
         "subject": mail.subject,
+        "attachments": [_upload(a) for a in mail.attachments],
     }
     if mail.html is not None and mail.text is not None:
         # Plain first, HTML last: in multipart/alternative the last part is the

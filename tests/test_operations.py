@@ -109,7 +109,7 @@ def test_enqueue_by_curl_then_drain_delivers_the_mail(
     ("body", "expected"),
     [
         ({"to": "ops@example.com", "text": "x"}, "subject: Field required"),
-        ({**JOB, "to": "not-an-address"}, "to: value is not a valid email address"),
+        ({**JOB, "to": "not-an-address"}, "to.0: Value error, is not a valid email address"),
         ({**JOB, "colour": "blue"}, "colour: Extra inputs are not permitted"),
     ],
 )

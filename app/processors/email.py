@@ -1,30 +1,136 @@
-"""The email_queue processor: a message becomes a mail sent over SMTP."""
+"""The email_queue processor: a message becomes a mail sent over SMTP.
+
+```json
+{"to": ["a@example.com", "Анна <anna@example.com>"], "cc": [], "bcc": [],
+ "reply_to": ["support@example.com"], "subject": "Hi", "text": "Hello", "html": "<p>Hello</p>",
+ "attachments": [{"filename": "report.csv", "content_type": "text/csv", "content": "<base64>"}]}
+```
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+import base64
+import binascii
+from typing import Annotated
 
-from app.mail import Mail, Mailer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NameEmail,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from app.mail import Address, Attachment, Mail, Mailer
 from app.processors import parse_job
 from app.queue.models import QueueMessage
 
+MAX_RECIPIENTS = 50
+MAX_BODY_CHARS = 1_000_000
+MAX_ATTACHMENTS = 10
+MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
+MAX_ATTACHMENTS_TOTAL_BYTES = 20 * 1024 * 1024
+
+
+def _one_line(value: str) -> str:
+    # A CR or LF would end the header and start another one: refused, never sent.
+    if "\r" in value or "\n" in value:
+        raise ValueError("must not contain line breaks")
+    return value
+
+
+_NAME_EMAIL = TypeAdapter(NameEmail)
+
+
+def _address(value: object) -> object:
+    """`a@example.com` or `Name <a@example.com>` becomes an Address."""
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an email address string")
+    _one_line(value)
+    try:
+        parsed = _NAME_EMAIL.validate_python(value)
+    except ValidationError:
+        raise ValueError("is not a valid email address") from None
+    # pydantic gives a bare address its local part as a name; keep only real names.
+    return Address(email=parsed.email, name=parsed.name if "<" in value else None)
+
+
+EmailAddress = Annotated[Address, BeforeValidator(_address)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+class EmailAttachment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filename: OneLine = Field(min_length=1, max_length=255, pattern=r"^[^/\\]+$")
+    content_type: str = Field(
+        "application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$", max_length=127
+    )
+    content: str = Field(description="base64", max_length=MAX_ATTACHMENT_BYTES * 4 // 3 + 4)
+
+    @field_validator("content")
+    @classmethod
+    def _base64(cls, value: str) -> str:
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64") from None
+        if len(decoded) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"is larger than {MAX_ATTACHMENT_BYTES} bytes")
+        return value
+
+    def decoded(self) -> bytes:
+        return base64.b64decode(self.content)
+
 
 class EmailJob(BaseModel):
-    """`{"to": "a@example.com", "subject": "Hi", "text": "Hello"}`; `html` optional too."""
+    """A mail to send: recipients, subject, and `text` and/or `html`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    to: EmailStr
-    # A CR or LF would start a second header: refused, never sent.
-    subject: str = Field(min_length=1, max_length=998, pattern=r"^[^\r\n]*$")
-    text: str | None = None
-    html: str | None = None
+    to: list[EmailAddress] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    reply_to: list[EmailAddress] = Field(default_factory=list, max_length=10)
+    subject: OneLine = Field(min_length=1, max_length=998)
+    text: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    html: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    attachments: list[EmailAttachment] = Field(default_factory=list, max_length=MAX_ATTACHMENTS)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _has_body(self) -> EmailJob:
+    def _check(self) -> EmailJob:
         if self.text is None and self.html is None:
             raise ValueError("one of text or html is required")
+        total = sum(len(a.decoded()) for a in self.attachments)
+        if total > MAX_ATTACHMENTS_TOTAL_BYTES:
+            raise ValueError(f"attachments exceed {MAX_ATTACHMENTS_TOTAL_BYTES} bytes in total")
         return self
+
+    def mail(self) -> Mail:
+        return Mail(
+            to=list(self.to),
+            cc=list(self.cc),
+            bcc=list(self.bcc),
+            reply_to=list(self.reply_to),
+            subject=self.subject,
+            text=self.text,
+            html=self.html,
+            attachments=[
+                Attachment(a.filename, a.content_type, a.decoded()) for a in self.attachments
+            ],
+        )
 
 
 class EmailProcessor:
@@ -37,6 +143,4 @@ class EmailProcessor:
 
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)
-        await self._mailer.send(
-            Mail(to=[job.to], subject=job.subject, text=job.text, html=job.html)
-        )
+        await self._mailer.send(job.mail())
