@@ -2,7 +2,8 @@
 
 The webhook is a doorbell: it carries the new row's `msg_id`, and the runner claims
 that message from the database. The route answers 202 at once and never waits for
-the job.
+the job; at capacity it answers 202 "deferred" and leaves the message to the sweeper,
+and while shutting down 503 with Retry-After (pg_net does not retry, the sweeper will).
 """
 
 from __future__ import annotations
