@@ -23,7 +23,7 @@ from tests.support.pg_net import PgNetSender, running_sender
 from tests.support.postgres import Database, bootstrap, fresh_database, reset, server_url
 from tests.support.rpc_gateway import GatewayHandle, running_gateway
 from tests.support.servers import serve_in_thread
-from tests.support.settings import settings_against
+from tests.support.settings import settings_against, settings_for
 from tests.support.smtp import SmtpServer, running_smtp
 
 MAIL_FROM = "worker@example.com"
@@ -143,7 +143,8 @@ def start_service(db: Database, service_settings: Settings) -> Iterator[ServiceF
     with contextlib.ExitStack() as stack:
 
         def start(*, register: bool = True, **overrides: Any) -> Service:
-            settings = service_settings.model_copy(update=overrides)
+            # Validated like real settings, so overrides get the right types.
+            settings = settings_for(**{**dict(service_settings), **overrides})
             app = create_app(settings)
             url = stack.enter_context(serve_in_thread(app))
             if register:

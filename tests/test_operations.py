@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from app.logs import JsonFormatter
 from tests.conftest import Service, ServiceFactory
@@ -28,7 +27,7 @@ JOB = {"to": "ops@example.com", "subject": "Ops", "text": "hello"}
 @pytest.fixture
 def api(start_service: ServiceFactory) -> tuple[Service, dict[str, str]]:
     token = secrets.token_urlsafe(24)
-    service = start_service(register=False, api_token=SecretStr(token), metrics_cache_seconds=0)
+    service = start_service(register=False, api_token=token, metrics_cache_seconds=0)
     return service, {"Authorization": f"Bearer {token}"}
 
 
