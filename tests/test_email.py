@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import secrets
 
 from app.processors.email import MAX_ATTACHMENT_BYTES
-from tests.conftest import Service
+from tests.conftest import Service, ServiceFactory
 from tests.support.pg_net import PgNetSender
 from tests.support.postgres import Database
-from tests.support.smtp import SmtpServer
+from tests.support.smtp import SmtpServer, running_smtp
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, enqueue, queue_rows
 
@@ -97,3 +98,23 @@ def test_header_injection_and_bad_jobs_are_archived_not_sent(
     assert "attachments.0.content" in errors[ids["too_big"]]
     assert smtp.messages == []
     assert queue_rows(db) == []
+
+
+def test_implicit_tls_on_its_own_port_delivers(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender
+) -> None:
+    # The port-465 shape: TLS from the first byte, no STARTTLS.
+    with running_smtp(mode="tls", username="tls-user", password=secrets.token_urlsafe(16)) as tls:
+        start_service(
+            smtp_port=tls.port,
+            smtp_user=tls.username,
+            smtp_password=tls.password,
+            smtp_ca_file=tls.ca_file,
+            smtp_starttls=False,
+            smtp_ssl_tls=True,
+        )
+        enqueue(db, {"to": "a@example.com", "subject": "Over TLS", "text": "x"})
+        [mail] = tls.wait_for(1)
+        assert mail["Subject"] == "Over TLS"
+        assert tls.received[0].login == "tls-user"
+        wait_until(lambda: queue_rows(db) == [], what="the message to be deleted")
