@@ -11,6 +11,8 @@ as retryable: an unknown failure must not destroy a job.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class JobError(Exception):
     """A job failed; `str(error)` says why, without secrets or message bodies."""
@@ -22,3 +24,22 @@ class RetryableError(JobError):
 
 class PermanentError(JobError):
     """The job can never succeed as it is: do not retry it."""
+
+
+def describe_invalid(
+    error: ValidationError, *, root: str = "message", within: str | None = None
+) -> str:
+    """`field.path: problem; ...` for each error, never the offending value.
+
+    Used wherever a rejection must name the field: a job that does not fit its
+    model, a webhook body, a job posted to the manual API. `root` is the path of an
+    error about the input as a whole; `within` prefixes every path when the input
+    sits inside a larger document (a webhook's "record").
+    """
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        parts = [str(part) for part in item["loc"]]
+        if within is not None:
+            parts.insert(0, within)
+        problems.append(f"{'.'.join(parts) or root}: {item['msg']}")
+    return "; ".join(problems)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.errors import describe_invalid
 
 router = APIRouter(
     prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
@@ -39,11 +40,7 @@ async def enqueue(
     try:
         services.processors[queue].model.model_validate(message)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or 'message'}: {item['msg']}"
-            for item in error.errors(include_input=False, include_url=False)
-        )
-        raise ApiError(422, "invalid_message", problems) from None
+        raise ApiError(422, "invalid_message", describe_invalid(error)) from None
     msg_id = await services.backend.send(queue, message, delay_seconds)
     return {"queue": queue, "msg_id": msg_id}
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app import metrics
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.errors import describe_invalid
 from app.worker import Offer
 
 router = APIRouter(tags=["webhooks"])
@@ -47,13 +48,6 @@ class WebhookPayload(BaseModel):
 def _invalid(queue: str, message: str) -> ApiError:
     metrics.WEBHOOKS.labels(queue, "invalid").inc()
     return ApiError(422, "invalid_payload", message)
-
-
-def _describe(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in item['loc']) or 'body'}: {item['msg']}"
-        for item in error.errors(include_input=False, include_url=False)
-    )
 
 
 _verify_secret = BearerSecret("webhook_secret")
@@ -94,7 +88,7 @@ async def receive_webhook(
     try:
         payload = WebhookPayload.model_validate_json(await request.body())
     except ValidationError as error:
-        raise _invalid(queue, _describe(error)) from None
+        raise _invalid(queue, describe_invalid(error, root="body")) from None
     if payload.type != "INSERT":
         metrics.WEBHOOKS.labels(queue, "ignored").inc()
         return JSONResponse({"status": "ignored", "reason": f"{payload.type} events are ignored"})
@@ -109,7 +103,7 @@ async def receive_webhook(
     try:
         row = QueueRow.model_validate(payload.record)
     except ValidationError as error:
-        raise _invalid(queue, "record." + _describe(error)) from None
+        raise _invalid(queue, describe_invalid(error, within="record")) from None
     offer = services.runner.offer(queue, [row.msg_id])
     metrics.WEBHOOKS.labels(queue, offer.value).inc()
     if offer is Offer.DRAINING:

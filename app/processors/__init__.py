@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from app.errors import PermanentError
+from app.errors import PermanentError, describe_invalid
 from app.queue.models import QueueMessage
 
 
@@ -38,8 +38,6 @@ def parse_job(model: type[M], message: QueueMessage) -> M:
     try:
         return model.model_validate(message.message)
     except ValidationError as error:
-        problems = []
-        for item in error.errors(include_input=False, include_url=False):
-            where = ".".join(str(part) for part in item["loc"]) or "message"
-            problems.append(f"{where}: {item['msg']}")
-        raise PermanentError(f"invalid {model.__name__} message: " + "; ".join(problems)) from None
+        raise PermanentError(
+            f"invalid {model.__name__} message: {describe_invalid(error)}"
+        ) from None

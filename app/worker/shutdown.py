@@ -20,8 +20,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Marks "a drain has started" from inside the signal handler, before the task exists.
-_placeholder = object()
 
 
 def install(drain: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -34,7 +32,10 @@ def install(drain: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         return lambda: None
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    tasks: set[object] = set()
+    # A strong reference keeps the drain task alive; `started` is set in the handler
+    # itself, before the task exists, so that a second signal is recognised at once.
+    tasks: set[asyncio.Task[None]] = set()
+    started = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
         handler = previous.get(signum)
@@ -58,7 +59,8 @@ def install(drain: Callable[[], Awaitable[None]]) -> Callable[[], None]:
             forward(signum, frame)
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if tasks:
+        nonlocal started
+        if started:
             # A second signal: stop now, the way uvicorn does on its own.
             handler = previous.get(signum)
             if callable(handler):
@@ -71,7 +73,7 @@ def install(drain: Callable[[], Awaitable[None]]) -> Callable[[], None]:
 
         # The handler interrupts the loop at an arbitrary point: schedule, don't run.
         loop.call_soon_threadsafe(start)
-        tasks.add(_placeholder)
+        started = True
 
     for sig in SIGNALS:
         signal.signal(sig, handle)
