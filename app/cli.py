@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import uvicorn
 
 from app.config import ConfigError, Settings, load_settings
+from app.local import EmbeddedDatabase, LocalModeError
 from app.logs import configure
-from app.main import create_app
+from app.main import create_app, served_queues
 
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -35,6 +37,21 @@ def prepare_multiprocess_metrics() -> Path:
     return path
 
 
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def server_options() -> dict[str, str | bool]:
+    """uvloop and httptools (from `uvicorn[standard]`) when installed; the pure-Python
+    asyncio loop and h11 otherwise. No access log: a line per webhook costs more than
+    the webhook itself at volume, and the metrics count every request."""
+    return {
+        "loop": "uvloop" if _available("uvloop") else "asyncio",
+        "http": "httptools" if _available("httptools") else "h11",
+        "access_log": False,
+    }
+
+
 def serve(settings: Settings) -> None:
     common = {
         "host": settings.host,
@@ -42,6 +59,7 @@ def serve(settings: Settings) -> None:
         "log_config": None,
         "proxy_headers": True,
         "timeout_graceful_shutdown": 30,
+        **server_options(),
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
@@ -54,11 +72,26 @@ def serve(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = load_settings()
+        served_queues(settings)
     except ConfigError as error:
         print(f"queue-worker: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None
     configure(settings.log_level, settings.log_format)
-    serve(settings)
+    if not settings.local_mode:
+        serve(settings)
+        return
+    # Local mode: the embedded database runs around the server, so a problem with it
+    # is one line before anything listens, and it stops only after the drain.
+    database = EmbeddedDatabase(settings.data_dir)
+    try:
+        database.start()
+    except LocalModeError as error:
+        print(f"queue-worker: {error}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(1) from None
+    try:
+        serve(settings)
+    finally:
+        database.stop()
 
 
 if __name__ == "__main__":

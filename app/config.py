@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -20,15 +21,46 @@ from pydantic import (
     FilePath,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 # Shorter webhook secrets are refused: the secret is the only thing standing between
 # the internet and the job queue.
 MIN_WEBHOOK_SECRET_LENGTH = 16
+
+# Standard Webhooks secrets: `whsec_` + base64 of the key bytes.
+SIGNING_SECRET_PREFIX = "whsec_"
+_PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "replace-me", "replaceme")
+_PLACEHOLDER_VALUES = {"secret", "password", "placeholder", "example", "token", "none", "null"}
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: `whsec_<base64>` decoded, else its UTF-8 bytes."""
+    if secret.startswith(SIGNING_SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret.removeprefix(SIGNING_SECRET_PREFIX), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64 after whsec_") from None
+    return secret.encode()
+
+
+def is_placeholder(value: str) -> bool:
+    """True for values copied from a template rather than generated: `<...>`, `your-...`,
+    `change-me`, `secret`, one character repeated, and the like."""
+    text = value.strip().lower()
+    return (
+        not text
+        or (text.startswith("<") and text.endswith(">"))
+        or text.startswith(("your-", "your_", "your "))
+        or any(word in text for word in _PLACEHOLDER_WORDS)
+        or text in _PLACEHOLDER_VALUES
+        or len(set(text)) == 1
+    )
 
 
 class ConfigError(Exception):
@@ -58,17 +90,37 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    # Supabase
-    supabase_url: AnyHttpUrl
-    supabase_service_role_key: SecretStr
+    # Mode. `local` runs an embedded PostgreSQL in DATA_DIR and needs no Supabase
+    # project, webhooks or SMTP (app/local.py); unset means local when none of
+    # SUPABASE_URL, SUPABASE_SERVICE_ROLE_KEY and DATABASE_URL is set.
+    queue_worker_mode: Literal["local", "supabase"] | None = None
+    data_dir: Path = Path(".queue-worker")
+
+    # Supabase: the RPC path (SUPABASE_URL and the key), or a direct connection
+    # (DATABASE_URL, app/queue/sql.py); both unneeded in local mode.
+    supabase_url: AnyHttpUrl | None = None
+    supabase_service_role_key: SecretStr | None = None
+    database_url: SecretStr | None = None
+    database_pool_size: int = Field(10, ge=1, le=1000)
     rpc_schema: str = Field("queue_worker", pattern=r"^[a-z_][a-z0-9_]*$")
     rpc_timeout_seconds: float = Field(10.0, gt=0)
 
-    # Webhooks
-    webhook_secret: SecretStr
+    # Webhooks (required unless in local mode)
+    webhook_secret: SecretStr | None = None
+    # Security (README "Security"). While rotating, the previous webhook secret is
+    # still accepted, as a bearer token and as a signing key.
+    webhook_secret_previous: SecretStr | None = None
+    # Body caps in bytes: a webhook carries one row event; the manual API must take
+    # an email with attachments up to the email model's caps (20 MiB decoded is
+    # 26.7 MiB of base64, plus two 1M-character bodies that JSON may escape).
+    max_webhook_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_api_body_bytes: int = Field(40 * 1024 * 1024, ge=1024)
+    # Serve /docs and /openapi.json; off by default.
+    enable_docs: bool = False
 
-    # SMTP (fastapi-mail)
-    smtp_host: str = Field(min_length=1)
+    # SMTP (fastapi-mail). SMTP_HOST and MAIL_FROM are required unless in local
+    # mode, where no SMTP_HOST means mail goes to the outbox; "" means not set.
+    smtp_host: str = ""
     smtp_port: Port = 587
     smtp_user: str | None = None
     smtp_password: SecretStr | None = Field(
@@ -76,12 +128,26 @@ class Settings(BaseSettings):
     )
     smtp_starttls: bool = True
     smtp_ssl_tls: bool = False
+    # Each SMTP command waits at most SMTP_TIMEOUT_SECONDS; connecting (TCP and TLS
+    # handshake) at most SMTP_CONNECT_TIMEOUT_SECONDS.
     smtp_timeout_seconds: int = Field(30, ge=1)
+    smtp_connect_timeout_seconds: float = Field(10.0, gt=0)
+    # Sessions open at once, and how long an idle one is kept for the next mail
+    # (0 = a new session for every mail).
+    smtp_max_connections: int = Field(4, ge=1, le=100)
+    smtp_keepalive_seconds: float = Field(10.0, ge=0)
+    # Mails per second per process (unset = no limit); providers throttle.
+    smtp_max_per_second: float | None = Field(None, gt=0)
     smtp_ca_file: FilePath | None = None
-    mail_from: EmailStr
+    mail_from: EmailStr = ""
     mail_from_name: str | None = None
+    # The language of templated mails that do not say (`locale` in the job).
+    mail_default_locale: Literal["en", "ru"] = "en"
 
     # Jobs
+    # The queues this service processes, each by the processor of the same name
+    # (comma-separated); unset means every queue the service has a processor for.
+    queues: Annotated[list[str] | None, NoDecode] = Field(None, min_length=1)
     # A claimed message stays invisible this long; a running job's lease is
     # extended every third of it (the heartbeat).
     visibility_timeout_seconds: int = Field(30, ge=3)
@@ -93,6 +159,12 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0)
     sweep_batch_size: int = Field(50, ge=1, le=1000)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    # Claim/ack batching (app/queue/coalesce.py): concurrent claims, acks, retries and
+    # archives of one queue share one RPC, sent when COALESCE_MAX_BATCH ids are pending
+    # or COALESCE_FLUSH_MS after the first one; COALESCE_MAX_BATCH=1 turns it off.
+    coalesce_max_batch: int = Field(100, ge=1, le=1000)
+    coalesce_flush_ms: float = Field(2.0, ge=0, le=1000)
 
     # Operations
     # Bearer token of the manual API (/queues...); the API is off when unset.
@@ -108,8 +180,44 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
+    @field_validator("smtp_host", "mail_from", mode="wrap")
+    @classmethod
+    def _empty_is_unset(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        # SMTP_HOST= (empty) is not set; whether it must be depends on the mode (_check).
+        return "" if value == "" else handler(value)
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # QUEUES=email_queue,payments_queue (a JSON list works too).
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("names a queue twice")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        missing = self._missing()
+        if missing:
+            raise ValueError("; ".join(f"{name}: is required but not set" for name in missing))
+        if self.queue_worker_mode == "local" and self.database_url is not None:
+            raise ValueError(
+                "DATABASE_URL is set with QUEUE_WORKER_MODE=local, which runs its own "
+                "database: unset one of them"
+            )
+        if self.database_url is not None and not self.database_url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("DATABASE_URL must be a postgresql:// connection string")
         if self.smtp_starttls and self.smtp_ssl_tls:
             raise ValueError(
                 "SMTP_STARTTLS and SMTP_SSL_TLS are both true: use STARTTLS (port 587) "
@@ -119,22 +227,21 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_MAX_SECONDS must not be below RETRY_BASE_SECONDS")
         if bool(self.smtp_user) != bool(self.smtp_password):
             raise ValueError("SMTP_USER and SMTP_PASSWORD (or SMTP_PASS) go together")
-        secret = self.webhook_secret.get_secret_value()
-        if len(secret.strip()) < MIN_WEBHOOK_SECRET_LENGTH:
-            raise ValueError(
-                f"WEBHOOK_SECRET must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
-            )
         if self.api_token is not None and len(self.api_token.get_secret_value().strip()) < 16:
             raise ValueError(
                 "API_TOKEN must be at least 16 characters (or unset to turn the API off)"
             )
-        key = self.supabase_service_role_key.get_secret_value()
+        key = (
+            self.supabase_service_role_key.get_secret_value()
+            if self.supabase_service_role_key
+            else ""
+        )
         if key.startswith("sb_publishable_"):
             raise ValueError(
                 "SUPABASE_SERVICE_ROLE_KEY is a publishable key; use the secret key "
                 "(sb_secret_...) or the legacy service_role JWT"
             )
-        if not key.startswith("sb_secret_"):
+        if key and not key.startswith("sb_secret_"):
             claims = _jwt_claims(key)
             if claims is None:
                 raise ValueError("SUPABASE_SERVICE_ROLE_KEY is neither an sb_secret_ key nor a JWT")
@@ -145,6 +252,77 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        # An empty HMAC key verifies anything, and a template value is public.
+        named = {
+            "WEBHOOK_SECRET": self.webhook_secret,
+            "WEBHOOK_SECRET_PREVIOUS": self.webhook_secret_previous,
+            "API_TOKEN": self.api_token,
+            "SMTP_PASSWORD": self.smtp_password,
+        }
+        for variable, value in named.items():
+            if value is not None and not value.get_secret_value().strip():
+                raise ValueError(f"{variable} is empty; set a generated secret or unset it")
+            if value is not None and is_placeholder(value.get_secret_value()):
+                raise ValueError(
+                    f"{variable} looks like a placeholder, not a generated secret; generate "
+                    'one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+                )
+        for variable in ("WEBHOOK_SECRET", "WEBHOOK_SECRET_PREVIOUS"):
+            value = named[variable]
+            if value is None:
+                continue
+            secret = value.get_secret_value()
+            if len(secret.strip()) < MIN_WEBHOOK_SECRET_LENGTH:
+                raise ValueError(
+                    f"{variable} must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
+                )
+            try:
+                key = signing_key(secret)
+            except ValueError as error:
+                raise ValueError(f"{variable} {error}") from None
+            if len(key) < MIN_WEBHOOK_SECRET_LENGTH:
+                raise ValueError(
+                    f"{variable} must hold at least {MIN_WEBHOOK_SECRET_LENGTH} key bytes"
+                )
+        return self
+
+    def _missing(self) -> list[str]:
+        """The variables this mode needs that are not set, in the order of the README."""
+        needed: dict[str, object] = {}
+        if not self.local_mode:
+            if self.database_url is None:
+                needed["SUPABASE_URL"] = self.supabase_url
+                needed["SUPABASE_SERVICE_ROLE_KEY"] = self.supabase_service_role_key
+            needed["WEBHOOK_SECRET"] = self.webhook_secret
+            needed["SMTP_HOST"] = self.smtp_host
+        if not self.mail_outbox:
+            needed["MAIL_FROM"] = self.mail_from
+        return [name for name, value in needed.items() if value is None or value == ""]
+
+    @property
+    def local_mode(self) -> bool:
+        """Local mode: an embedded database, and no Supabase project needed."""
+        if self.queue_worker_mode is not None:
+            return self.queue_worker_mode == "local"
+        return (
+            self.supabase_url is None
+            and self.supabase_service_role_key is None
+            and self.database_url is None
+        )
+
+    @property
+    def mail_outbox(self) -> bool:
+        """Mail goes to DATA_DIR/outbox/ instead of SMTP (local mode without SMTP_HOST)."""
+        return self.local_mode and not self.smtp_host
+
+    @property
+    def webhook_secrets(self) -> tuple[str, ...]:
+        """The accepted webhook secrets: the current one, then the previous one if set."""
+        secrets = [self.webhook_secret, self.webhook_secret_previous]
+        return tuple(s.get_secret_value() for s in secrets if s is not None)
+
     @cached_property
     def supabase_headers(self) -> dict[str, str]:
         """Auth headers for every Supabase request, as SUPABASE-FACTS describes.
@@ -152,6 +330,8 @@ class Settings(BaseSettings):
         New `sb_secret_` keys are not JWTs and go in `apikey` only; legacy JWT keys go
         in `apikey` and as the bearer token.
         """
+        if self.supabase_service_role_key is None:
+            return {}
         key = self.supabase_service_role_key.get_secret_value()
         headers = {"apikey": key}
         if not key.startswith("sb_secret_"):

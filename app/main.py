@@ -7,35 +7,126 @@ module (as the tests do) reads no settings.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 
-from app import __version__
+from app import __version__, local
 from app.api import queues, router
 from app.api.deps import Services
-from app.api.errors import ApiError
+from app.api.errors import ApiError, invalid_request
+from app.api.limits import BodyLimits, body_caps
 from app.config import ConfigError, Settings, load_settings
 from app.logs import RequestIdMiddleware, configure
 from app.mail import Mailer
 from app.metrics import QueueStats
-from app.processors import Registry
+from app.outbox import Outbox
+from app.processors import Processor, Registry
 from app.processors.email import EmailProcessor
+from app.processors.payments import PaymentsProcessor
+from app.processors.reports import ReportsProcessor
+from app.queue.backend import QueueBackend, RpcCaller
+from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
+from app.queue.sql import SqlQueue
 from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
 
 log = logging.getLogger(__name__)
 
 
-def build_registry(mailer: Mailer) -> Registry:
-    """The queues this service serves, each with its processor."""
-    return {"email_queue": EmailProcessor(mailer)}
+@dataclass(frozen=True)
+class Dependencies:
+    """What processors may be built with."""
+
+    settings: Settings
+    mailer: Mailer
+    rpc: RpcCaller
+
+
+# Queue name -> how to build its processor. `QUEUES` picks from these.
+PROCESSORS: dict[str, Callable[[Dependencies], Processor]] = {
+    "email_queue": lambda deps: EmailProcessor(deps.mailer),
+    "payments_queue": lambda deps: PaymentsProcessor(deps.rpc),
+    "reports_queue": lambda deps: ReportsProcessor(deps.rpc, deps.mailer),
+}
+
+
+def served_queues(settings: Settings) -> list[str]:
+    """`QUEUES`, or every queue that has a processor; ConfigError for an unknown name."""
+    queues = settings.queues if settings.queues is not None else sorted(PROCESSORS)
+    unknown = [name for name in queues if name not in PROCESSORS]
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration: QUEUES: no processor for {', '.join(map(repr, unknown))}; "
+            f"known queues: {', '.join(sorted(PROCESSORS))}"
+        )
+    return list(queues)
+
+
+def build_registry(deps: Dependencies) -> Registry:
+    """The processors of the served queues, built once at start."""
+    return {name: PROCESSORS[name](deps) for name in served_queues(deps.settings)}
+
+
+def coalescing(inner: QueueBackend, settings: Settings) -> CoalescingQueue:
+    """`inner` with the claims, acks, retries and archives of concurrent jobs batched."""
+    return CoalescingQueue(
+        inner,
+        max_batch=settings.coalesce_max_batch,
+        flush_interval=settings.coalesce_flush_ms / 1000,
+    )
+
+
+@asynccontextmanager
+async def open_backend(settings: Settings) -> AsyncIterator[tuple[QueueBackend, RpcCaller]]:
+    """The database behind the queue interface, as the settings choose it.
+
+    Local mode: the embedded PostgreSQL (app/local.py), started or joined here and
+    left at the end. DATABASE_URL: a direct connection pool. Both run the worker's
+    functions over SQL (`SqlQueue`, its own RPC caller). Otherwise the same
+    functions through Supabase's RPC API (`RpcQueue` over `SupabaseRpc`).
+    """
+    if settings.local_mode or settings.database_url is not None:
+        async with AsyncExitStack() as stack:
+            if settings.database_url is not None:
+                url = settings.database_url.get_secret_value()
+            else:
+                database = local.EmbeddedDatabase(settings.data_dir)
+                url = await asyncio.to_thread(database.start)
+                stack.push_async_callback(asyncio.to_thread, database.stop)
+            pool = SqlQueue.create_pool(
+                url, max_size=settings.database_pool_size, timeout=settings.rpc_timeout_seconds
+            )
+            await pool.open(wait=False)
+            stack.push_async_callback(pool.close)
+            queue = SqlQueue(pool, schema=settings.rpc_schema, timeout=settings.rpc_timeout_seconds)
+            yield queue, queue
+        return
+    client = SupabaseRpc.create_client(
+        str(settings.supabase_url),
+        settings.supabase_headers,
+        timeout=settings.rpc_timeout_seconds,
+        max_connections=max(20, 2 * settings.max_concurrency),
+    )
+    async with client:
+        rpc = SupabaseRpc(client, schema=settings.rpc_schema)
+        yield RpcQueue(rpc), rpc
+
+
+def open_mailer(settings: Settings) -> Mailer:
+    """SMTP, or in local mode without SMTP_HOST the outbox directory."""
+    if settings.mail_outbox:
+        return Outbox(settings, local.outbox_dir(settings.data_dir))
+    return Mailer(settings)
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -57,11 +148,12 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
-    # Only the manual API lets an RPC failure reach a response; the details stay in
-    # the log, the caller learns that Supabase did not answer as it should.
-    log.warning("request failed on an RPC", extra={"error": str(error)})
+    # Only the manual API lets a queue call's failure reach a response; the details
+    # stay in the log, the caller learns that the database did not answer as it should
+    # (through Supabase's API, or directly with DATABASE_URL / local mode).
+    log.warning("request failed on a queue call", extra={"error": str(error)})
     return JSONResponse(
-        {"error": "supabase_unavailable", "message": "the Supabase API call failed; try again"},
+        {"error": "queue_unavailable", "message": "the queue database call failed; try again"},
         status_code=503,
         headers={"Retry-After": "5"},
     )
@@ -69,25 +161,26 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app. Without `settings`, they are read from the environment."""
-    settings = settings or load_settings()
+    settings = local.with_local_token(settings or load_settings())
+    served_queues(settings)  # an unknown queue is refused before anything starts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = SupabaseRpc.create_client(
-            str(settings.supabase_url),
-            settings.supabase_headers,
-            timeout=settings.rpc_timeout_seconds,
-            max_connections=max(20, 2 * settings.max_concurrency),
-        )
-        async with client:
-            backend = RpcQueue(SupabaseRpc(client, schema=settings.rpc_schema))
-            mailer = Mailer(settings)
-            processors = build_registry(mailer)
+        async with open_backend(settings) as (database, rpc):
+            backend = coalescing(database, settings)
+            mailer = open_mailer(settings)
+            processors = build_registry(Dependencies(settings, mailer, rpc))
             runner = Runner(backend, processors, runner_config(settings))
             sweeper = Sweeper(
                 runner,
                 interval=settings.sweep_interval_seconds,
                 batch_size=settings.sweep_batch_size,
+            )
+            # Local mode has no webhooks: pgmq's insert notifications ring instead.
+            wakeups = (
+                local.InsertWakeups(rpc.conninfo, runner, batch_size=settings.sweep_batch_size)
+                if settings.local_mode and isinstance(rpc, SqlQueue)
+                else None
             )
             app.state.services = Services(
                 settings=settings,
@@ -105,35 +198,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     return
                 drained.set()
                 log.info("draining", extra={"in_flight": runner.in_flight()})
+                if wakeups is not None:
+                    await wakeups.stop()
                 await sweeper.stop()
                 await runner.drain(settings.shutdown_grace_seconds)
                 log.info("drained")
 
             runner.start()
             sweeper.start()
+            if wakeups is not None:
+                wakeups.start()
             restore_signals = shutdown.install(drain)
+            # What start-up built lives as long as the process. Frozen out of the
+            # collector's sight, it is not scanned again by every full collection,
+            # which stalled the loop for up to 100 ms under load (bench/README.md).
+            gc.collect()
+            gc.freeze()
             log.info("queue-worker started", extra={"queues": ",".join(sorted(runner.queues))})
+            if settings.local_mode:
+                print(local.banner(settings), file=sys.stderr, flush=True)  # noqa: T201
             try:
                 yield
             finally:
                 restore_signals()
                 await drain()
                 await runner.close()
+                await backend.close()  # sends claims/acks still batched
+                await mailer.close()
                 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
                     # This process's live gauges (jobs in progress) stop counting.
                     multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+                gc.unfreeze()
                 log.info("queue-worker stopped")
 
     app = FastAPI(
         title="queue-worker",
         version=__version__,
         lifespan=lifespan,
-        docs_url=None,
+        # The schema maps the attack surface: served only with ENABLE_DOCS=true.
+        docs_url="/docs" if settings.enable_docs else None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json" if settings.enable_docs else None,
     )
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RpcError, _rpc_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    # Added first so it runs inside RequestIdMiddleware: refusals carry a request id too.
+    app.add_middleware(BodyLimits, cap=body_caps(settings))
     app.add_middleware(RequestIdMiddleware)
     app.include_router(router)
     if settings.api_token is not None:
@@ -148,6 +259,7 @@ def __getattr__(name: str) -> FastAPI:
         raise AttributeError(name)
     try:
         settings = load_settings()
+        served_queues(settings)
     except ConfigError as error:
         print(f"queue-worker: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None

@@ -3,8 +3,9 @@
 Names follow Prometheus conventions (one `queue_worker_` prefix, `_total`, `_seconds`);
 labels are low-cardinality only (queue, outcome, result, function): never message ids
 or addresses. The worker records job metrics, the RPC client records RPC metrics, the
-mailer records email metrics, the API records webhook metrics, and queue depths are
-read from the database when /metrics is scraped (cached, see QueueStats).
+mailer records email metrics, the payments processor records payment event results
+(only its RPC's answer knows them), the API records webhook metrics, and queue depths
+are read from the database when /metrics is scraped (cached, see QueueStats).
 
 With PROMETHEUS_MULTIPROC_DIR set (several uvicorn workers), values are shared
 through files in that directory; `multiprocess_mode` says how gauges of several
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 WEBHOOKS = Counter(
     "queue_worker_webhooks_total",
     "Webhook requests received, by queue and result "
-    "(accepted, deferred, ignored, unauthorized, invalid, unknown_queue, draining).",
+    "(accepted, deferred, ignored, duplicate, unauthorized, invalid, unknown_queue, "
+    "draining).",
     ["queue", "result"],
 )
 JOBS = Counter(
@@ -70,10 +72,20 @@ RPC_DURATION = Histogram(
     ["function"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+PAYMENT_EVENTS = Counter(
+    "queue_worker_payment_events_total",
+    "Payment events handled by the payments_queue processor, by result "
+    "(applied, duplicate: seen before and ignored, stale: older than the payment's status).",
+    ["result"],
+)
 EMAILS = Counter(
     "queue_worker_emails_total",
     "Emails handed to the SMTP server, by result (sent, failed).",
     ["result"],
+)
+SMTP_CONNECTIONS = Counter(
+    "queue_worker_smtp_connections_total",
+    "SMTP sessions opened for sending (fewer than emails sent when sessions are reused).",
 )
 QUEUE_LENGTH = Gauge(
     "queue_worker_queue_length",

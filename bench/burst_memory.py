@@ -1,7 +1,8 @@
 """Peak memory of the service during a burst of webhooks, next to a bare FastAPI endpoint.
 
 Both run as real `uvicorn` processes on loopback; the bench posts N webhooks (default
-10,000) at concurrency C for messages that really are in the queue, and reads each
+10,000) at concurrency C for messages that really are in the queue (with the lean load
+generator of bench/loadgen.py, in a process of its own), and reads each
 process's peak RSS (VmHWM) from /proc. The service runs with its default
 MAX_CONCURRENCY, so webhooks beyond it are deferred to the sweeper instead of held
 in memory.
@@ -14,19 +15,18 @@ Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
+from bench.testbed import loadgen
 from tests.support.postgres import bootstrap, fresh_database, server_url
 from tests.support.process import ROOT, ServiceProcess
 from tests.support.rpc_gateway import running_gateway
@@ -43,34 +43,18 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def webhook(msg_id: int) -> dict[str, object]:
-    return {
-        "type": "INSERT",
-        "table": "q_email_queue",
-        "schema": "pgmq",
-        "record": {"msg_id": msg_id},
-        "old_record": None,
-    }
-
-
-async def burst(
-    url: str, secret: str, ids: list[int], concurrency: int
-) -> tuple[float, Counter[str]]:
-    statuses: Counter[str] = Counter()
-    limit = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=url, headers={"Authorization": f"Bearer {secret}"}, limits=limits, timeout=60
-    ) as client:
-
-        async def one(msg_id: int) -> None:
-            async with limit:
-                response = await client.post("/webhooks/email_queue", json=webhook(msg_id))
-                statuses[f"{response.status_code} {response.json().get('status')}"] += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in ids))
-        return time.perf_counter() - started, statuses
+def burst(url: str, secret: str, ids: list[int], concurrency: int) -> tuple[float, Counter[str]]:
+    """The webhooks, from the lean load generator in a process of its own."""
+    result = loadgen(
+        {
+            "mode": "burst",
+            "url": url,
+            "authorization": secret,
+            "ids": ids,
+            "concurrency": concurrency,
+        }
+    )
+    return result["seconds"], Counter(result["statuses"])
 
 
 @contextlib.contextmanager
@@ -128,7 +112,7 @@ def main() -> None:
             ]
         with bare_process() as (url, pid):
             idle = peak_rss_mb(pid)
-            seconds, statuses = asyncio.run(burst(url, "unused", ids, args.concurrency))
+            seconds, statuses = burst(url, "unused", ids, args.concurrency)
             rows.append(
                 (
                     "bare FastAPI endpoint",
@@ -152,7 +136,7 @@ def main() -> None:
             try:
                 idle = peak_rss_mb(service.pid)
                 secret = settings.webhook_secret.get_secret_value()
-                seconds, statuses = asyncio.run(burst(service.url, secret, ids, args.concurrency))
+                seconds, statuses = burst(service.url, secret, ids, args.concurrency)
                 rows.append(
                     (
                         "queue-worker",

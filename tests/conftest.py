@@ -25,6 +25,7 @@ from tests.support.rpc_gateway import GatewayHandle, running_gateway
 from tests.support.servers import serve_in_thread
 from tests.support.settings import settings_against, settings_for
 from tests.support.smtp import SmtpServer, running_smtp
+from tests.support.waiting import wait_until
 
 MAIL_FROM = "worker@example.com"
 
@@ -147,6 +148,10 @@ def start_service(db: Database, service_settings: Settings) -> Iterator[ServiceF
             settings = settings_for(**{**dict(service_settings), **overrides})
             app = create_app(settings)
             url = stack.enter_context(serve_in_thread(app))
+            # The sweeper's first pass runs at start; a test's own messages come after
+            # it, so only webhooks (or the test's own sweeps) move them.
+            sweeper = app.state.services.sweeper
+            wait_until(lambda: all(sweeper.passes.values()), what="the first sweep")
             if register:
                 register_in_vault(db, url, settings.webhook_secret.get_secret_value())
             return Service(url=url, settings=settings, app=app)

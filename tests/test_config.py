@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.config import ConfigError, load_settings
+from tests.conftest import ServiceFactory
 from tests.support.settings import SERVICE_VARIABLES, new_webhook_secret
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +173,8 @@ def _clean_env() -> dict[str, str]:
 def test_start_without_configuration_prints_one_line(command: list[str], tmp_path: Path) -> None:
     env = _clean_env()
     env["PYTHONPATH"] = str(ROOT)
+    # Without it, nothing configured means local mode (tests/test_local_mode.py).
+    env["QUEUE_WORKER_MODE"] = "supabase"
     result = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
@@ -179,3 +183,49 @@ def test_start_without_configuration_prints_one_line(command: list[str], tmp_pat
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("queue-worker: invalid configuration: SUPABASE_URL: is required")
     assert "Traceback" not in result.stderr
+
+
+def test_queues_are_read_comma_separated_or_as_json(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().queues is None  # every queue with a processor
+    monkeypatch.setenv("QUEUES", " email_queue, payments_queue ")
+    assert load_settings().queues == ["email_queue", "payments_queue"]
+    monkeypatch.setenv("QUEUES", '["reports_queue"]')
+    assert load_settings().queues == ["reports_queue"]
+    monkeypatch.setenv("QUEUES", "email_queue,email_queue")
+    with pytest.raises(ConfigError, match="QUEUES: names a queue twice"):
+        load_settings()
+
+
+def test_a_queue_without_a_processor_stops_start_up(env: dict[str, str]) -> None:
+    environment = {**_clean_env(), **env, "QUEUES": "email_queue,sms_queue"}
+    environment["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("queue-worker: invalid configuration: QUEUES: no processor for")
+    assert "'sms_queue'" in line and "email_queue" in line
+
+
+def test_only_the_configured_queues_are_served(start_service: ServiceFactory) -> None:
+    service = start_service(queues=["email_queue"], register=False)
+    assert service.services.runner.queues == {"email_queue"}
+    body = {
+        "type": "INSERT",
+        "table": "q_payments_queue",
+        "schema": "pgmq",
+        "record": {"msg_id": 1},
+    }
+    response = httpx.post(
+        f"{service.url}/webhooks/payments_queue", json=body, headers=service.auth()
+    )
+    assert response.status_code == 404
+    assert response.json()["error"] == "unknown_queue"

@@ -178,7 +178,7 @@ def test_permanent_failures_are_archived_with_their_error(
     assert by_id[bounced][1]["type"] == "PermanentError"
     assert "550 5.1.1 Mailbox unavailable" in by_id[bounced][1]["message"]
     assert by_id[invalid][1]["message"] == (
-        "invalid EmailJob message: subject: Field required"
+        "invalid EmailJob message: subject: Value error, is required without a template"
     )
     assert by_id[invalid][1]["attempt"] == 1
     assert "failed_at" in by_id[invalid][1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from email.message import EmailMessage
 
 from app.processors.email import MAX_ATTACHMENT_BYTES
 from tests.conftest import Service, ServiceFactory
@@ -47,7 +48,8 @@ def test_several_recipients_with_names_cc_and_hidden_bcc(
 def test_attachment_arrives_intact(
     db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
 ) -> None:
-    data = "дата;сумма\n2026-11-27;100.00\n".encode() + bytes(range(256))
+    # Larger than COMPOSE_IN_THREAD_BYTES: composed off the event loop.
+    data = "дата;сумма\n2026-11-27;100.00\n".encode() + bytes(range(256)) * 1200
     enqueue(
         db,
         {
@@ -118,3 +120,125 @@ def test_implicit_tls_on_its_own_port_delivers(
         assert mail["Subject"] == "Over TLS"
         assert tls.received[0].login == "tls-user"
         wait_until(lambda: queue_rows(db) == [], what="the message to be deleted")
+
+
+CHECKUP = {
+    "patient_name": "Анна Петрова",
+    "checkup_date": "27.11.2026",
+    "doctor_name": "Иванов И. И.",
+    "results_url": "https://example.com/results/1",
+}
+
+
+def _parts(mail: EmailMessage) -> tuple[str, str]:
+    text, html = mail.get_body(("plain",)), mail.get_body(("html",))
+    assert text is not None and html is not None
+    return text.get_content(), html.get_content()
+
+
+def test_templated_mail_in_russian_arrives_intact(
+    db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    enqueue(
+        db,
+        {
+            "to": "Анна Петрова <anna@example.com>",
+            "template": "checkup_completed",
+            "locale": "ru",
+            "context": CHECKUP,
+        },
+    )
+    [mail] = smtp.wait_for(1)
+    assert mail["Subject"] == "Результаты обследования готовы"
+    assert mail["To"] == "Анна Петрова <anna@example.com>"
+    text, html = _parts(mail)
+    assert "Здравствуйте, Анна Петрова!" in text
+    assert "у врача Иванов И. И." in text
+    assert '<a href="https://example.com/results/1"' in html
+    assert '<html lang="ru">' in html
+    wait_until(lambda: queue_rows(db) == [], what="the message to be deleted")
+
+
+def test_default_locale_and_subject_override(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    start_service(mail_default_locale="ru")
+    job = {"to": "a@example.com", "template": "checkup_completed", "context": CHECKUP}
+    enqueue(db, job)
+    enqueue(db, {**job, "locale": "en", "subject": "Your results (ref 42)"})
+    mails = smtp.wait_for(2)
+    subjects = sorted(str(mail["Subject"]) for mail in mails)
+    assert subjects == ["Your results (ref 42)", "Результаты обследования готовы"]
+    english = next(m for m in mails if m["Subject"] == "Your results (ref 42)")
+    assert "Hello, Анна Петрова!" in _parts(english)[0]
+
+
+def test_template_mistakes_are_archived_with_their_name(
+    db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    context = {k: v for k, v in CHECKUP.items() if k != "results_url"}
+    jobs = {
+        "missing": {"to": "a@example.com", "template": "checkup_completed", "context": context},
+        "unknown": {"to": "a@example.com", "template": "welcome", "context": {}},
+        "locale": {"to": "a@example.com", "template": "checkup_completed", "locale": "de"},
+        "both": {"to": "a@example.com", "template": "report_ready", "text": "x"},
+        "no_body": {"to": "a@example.com", "subject": "x"},
+    }
+    ids = {name: enqueue(db, job) for name, job in jobs.items()}
+    wait_until(lambda: len(archived_rows(db)) == len(jobs), what="every bad job archived")
+    errors = {msg_id: error["message"] for msg_id, _, error in archived_rows(db)}
+    assert "template 'checkup_completed' (en): 'results_url' is undefined" in errors[ids["missing"]]
+    assert "unknown template 'welcome'" in errors[ids["unknown"]]
+    assert "locale: Input should be 'en' or 'ru'" in errors[ids["locale"]]
+    assert "either template or text/html" in errors[ids["both"]]
+    assert "one of text, html or template is required" in errors[ids["no_body"]]
+    assert smtp.messages == []
+
+
+def test_mails_sent_together_share_one_session(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    start_service(smtp_max_connections=1)
+    for n in range(6):
+        enqueue(db, {"to": "a@example.com", "subject": f"Batch {n}", "text": "x"})
+    smtp.wait_for(6)
+    assert len({received.peer for received in smtp.received}) == 1
+    wait_until(lambda: queue_rows(db) == [], what="every message to be deleted")
+
+
+def test_without_keepalive_every_mail_has_its_own_session(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    start_service(smtp_max_connections=1, smtp_keepalive_seconds=0)
+    for n in range(3):
+        enqueue(db, {"to": "a@example.com", "subject": f"Alone {n}", "text": "x"})
+    smtp.wait_for(3)
+    assert len({received.peer for received in smtp.received}) == 3
+
+
+def test_a_reused_session_closed_by_the_server_is_replaced(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    start_service(smtp_max_connections=1, smtp_keepalive_seconds=60)
+    enqueue(db, {"to": "a@example.com", "subject": "Before", "text": "x"})
+    smtp.wait_for(1)
+    smtp.clear()
+    smtp.stop()  # drops the parked session, as a server restart would
+    smtp.start()
+    enqueue(db, {"to": "a@example.com", "subject": "After", "text": "x"})
+    [mail] = smtp.wait_for(1)
+    assert mail["Subject"] == "After"
+    wait_until(lambda: queue_rows(db) == [], what="both messages to be deleted")
+    assert archived_rows(db) == []
+
+
+def test_sending_is_paced_by_smtp_max_per_second(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    start_service(smtp_max_per_second=4)
+    for n in range(5):
+        enqueue(db, {"to": "a@example.com", "subject": f"Paced {n}", "text": "x"})
+    smtp.wait_for(5)
+    times = sorted(received.at for received in smtp.received)
+    # Five starts at most four per second: the last is a second after the first.
+    assert times[-1] - times[0] >= 0.9

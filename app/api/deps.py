@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from app.api.errors import ApiError
+from app.api.signatures import ReplayCache
 from app.config import Settings
 from app.mail import Mailer
 from app.metrics import QueueStats
@@ -27,6 +28,8 @@ class Services:
     runner: Runner
     sweeper: Sweeper
     queue_stats: QueueStats
+    # Signed webhook ids seen lately (per process; see app/api/signatures.py).
+    replays: ReplayCache = field(default_factory=ReplayCache)
 
 
 def get_services(request: Request) -> Services:
@@ -37,24 +40,32 @@ def get_services(request: Request) -> Services:
 class BearerSecret:
     """Checks `Authorization: Bearer <secret>` in constant time.
 
-    `setting` names the Settings field holding the secret. An empty or unset
-    secret is never accepted: it would verify anything.
+    `settings` name the Settings fields holding accepted secrets (a current and a
+    previous one while rotating). An empty or unset secret is never accepted: it
+    would verify anything.
     """
 
-    def __init__(self, setting: str) -> None:
-        self._setting = setting
+    def __init__(self, *settings: str) -> None:
+        self._settings = settings
 
-    def __call__(self, request: Request) -> None:
-        configured = getattr(get_services(request).settings, self._setting)
-        secret = configured.get_secret_value().encode() if configured is not None else b""
+    def matches(self, request: Request) -> bool:
+        """Whether the request carries one of the configured secrets as its bearer token."""
+        config = get_services(request).settings
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        ok = (
-            bool(secret)
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(token.strip().encode(), secret)
-        )
-        if not ok:
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode()
+        ok = False
+        for name in self._settings:
+            configured = getattr(config, name)
+            secret = configured.get_secret_value().encode() if configured is not None else b""
+            # Every secret is compared, so the time taken does not tell which one matched.
+            ok |= bool(secret) and hmac.compare_digest(given, secret)
+        return ok
+
+    def __call__(self, request: Request) -> None:
+        if not self.matches(request):
             raise ApiError(
                 401,
                 "unauthorized",

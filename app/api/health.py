@@ -28,10 +28,19 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _direct_sql(services: Services) -> bool:
+    """The backend talks SQL to PostgreSQL (local mode or DATABASE_URL), not HTTP."""
+    settings = services.settings
+    return settings.local_mode or settings.database_url is not None
+
+
 async def _check_rpc(services: Services) -> str:
     try:
         await services.backend.metrics()
     except RpcError as error:
+        if _direct_sql(services):
+            # The SQLSTATE says what the database refused; none means no connection.
+            return f"failed (SQLSTATE {error.code})" if error.code else "failed (no connection)"
         return f"failed (HTTP {error.status})" if error.status else "failed (no response)"
     return "ok"
 
@@ -57,16 +66,23 @@ def _check_sweeper(services: Services) -> str:
 
 @router.get("/health/ready")
 async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
-    """Readiness: Supabase RPC answers, SMTP accepts a connection, the sweeper runs.
+    """Readiness: the database answers, mail can go out, the sweeper runs.
 
-    503 names the failed check. Shows no secrets and no configuration values.
+    The database check is `rpc` (Supabase's RPC API) or `database` (a direct
+    connection: DATABASE_URL or local mode); the mail check is `smtp` (connects and
+    logs in) or `outbox` (local mode: the directory takes a file). 503 names the
+    failed check. Shows no secrets and no configuration values.
     """
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
             rpc, smtp = await asyncio.gather(_check_rpc(services), _check_smtp(services))
     except TimeoutError:
         rpc, smtp = "failed (timeout)", "failed (timeout)"
-    checks = {"rpc": rpc, "smtp": smtp, "sweeper": _check_sweeper(services)}
+    checks = {
+        "database" if _direct_sql(services) else "rpc": rpc,
+        "outbox" if services.settings.mail_outbox else "smtp": smtp,
+        "sweeper": _check_sweeper(services),
+    }
     if services.runner.draining:
         checks["shutdown"] = "draining"
     ok = all(value == "ok" for value in checks.values())

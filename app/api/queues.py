@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -21,6 +21,29 @@ router = APIRouter(
 )
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+# pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
+MAX_MSG_ID = 2**63 - 1
+
+
+def _unstorable(message: Any) -> str | None:
+    """What in a message PostgreSQL's jsonb cannot store (U+0000, lone surrogates), if any."""
+    pending = [message]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "text must not contain U+0000 (NUL)"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "text must be valid Unicode (no lone surrogates)"
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
 
 
 def _served(services: Services, queue: str) -> None:
@@ -41,6 +64,10 @@ async def enqueue(
         services.processors[queue].model.model_validate(message)
     except ValidationError as error:
         raise ApiError(422, "invalid_message", describe_invalid(error)) from None
+    problem = _unstorable(message)
+    if problem is not None:
+        # The database would refuse it; say so here rather than as an RPC failure.
+        raise ApiError(422, "invalid_message", f"message: {problem}")
     msg_id = await services.backend.send(queue, message, delay_seconds)
     return {"queue": queue, "msg_id": msg_id}
 
@@ -49,7 +76,7 @@ async def enqueue(
 async def drain(queue: str, services: ServicesDep) -> dict[str, str]:
     """Runs a sweep now instead of at the next interval."""
     _served(services, queue)
-    services.sweeper.wake()
+    services.sweeper.wake(queue)
     return {"status": "sweeping", "queue": queue}
 
 
@@ -77,7 +104,9 @@ async def archive(
     queue: str,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="msg_id cursor from `next`")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_MSG_ID, description="msg_id cursor from `next`")
+    ] = None,
 ) -> dict[str, Any]:
     """Archived (dead) messages with their recorded error, newest first."""
     _served(services, queue)
@@ -90,7 +119,9 @@ async def archive(
 
 
 @router.post("/{queue}/archive/{msg_id}/replay", status_code=201)
-async def replay(queue: str, msg_id: int, services: ServicesDep) -> JSONResponse:
+async def replay(
+    queue: str, msg_id: Annotated[int, Path(ge=1, le=MAX_MSG_ID)], services: ServicesDep
+) -> JSONResponse:
     """Puts one archived message back on its queue as a new message."""
     _served(services, queue)
     new_id = await services.backend.replay(queue, msg_id)

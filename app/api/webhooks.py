@@ -4,19 +4,24 @@ The webhook is a doorbell: it carries the new row's `msg_id`, and the runner cla
 that message from the database. The route answers 202 at once and never waits for
 the job; at capacity it answers 202 "deferred" and leaves the message to the sweeper,
 and while shutting down 503 with Retry-After (pg_net does not retry, the sweeper will).
+
+A webhook is authenticated by the bearer secret or by a Standard Webhooks signature
+(app/api/signatures.py); a signed webhook whose id was seen within the signature
+window is answered 200 "duplicate" and not offered to the runner again.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import metrics
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.api.signatures import SignedWebhook, WebhookSignature
 from app.errors import describe_invalid
 from app.worker import Offer
 
@@ -50,7 +55,9 @@ def _invalid(queue: str, message: str) -> ApiError:
     return ApiError(422, "invalid_payload", message)
 
 
-_verify_secret = BearerSecret("webhook_secret")
+_ACCEPTED_SECRETS = ("webhook_secret", "webhook_secret_previous")
+_bearer = BearerSecret(*_ACCEPTED_SECRETS)
+_signature = WebhookSignature(*_ACCEPTED_SECRETS)
 
 
 def _label(services: Services, queue: str) -> str:
@@ -58,30 +65,57 @@ def _label(services: Services, queue: str) -> str:
     return queue if queue in services.runner.queues else "unknown"
 
 
-def _check_auth(request: Request, queue: str) -> None:
+async def _check_auth(request: Request, queue: str) -> SignedWebhook | None:
+    """The bearer secret, or else a valid signature (returned, for replay detection)."""
+    if _bearer.matches(request):
+        return None
     try:
-        _verify_secret(request)
+        signed = await _signature(request)
+        if signed is None:
+            _bearer(request)  # raises: neither a bearer token nor a signature
     except ApiError:
         metrics.WEBHOOKS.labels(_label(get_services(request), queue), "unauthorized").inc()
         raise
+    return signed
 
 
 @router.post(
     "/webhooks/{queue}",
     status_code=202,
-    dependencies=[Depends(_check_auth)],
     responses={
-        200: {"description": "UPDATE or DELETE event: ignored"},
-        401: {"description": "Missing or wrong bearer secret"},
+        200: {"description": "UPDATE or DELETE event: ignored; or a signed webhook seen before"},
+        401: {"description": "Missing or wrong bearer secret or signature"},
+        413: {"description": "The body is larger than MAX_WEBHOOK_BODY_BYTES"},
+        415: {"description": "The body is not application/json"},
         503: {"description": "Shutting down; retry later (the message stays queued)"},
         404: {"description": "The service does not serve this queue"},
         422: {"description": "The body is not a pgmq queue row event"},
     },
 )
-async def receive_webhook(
-    queue: str, request: Request, services: Annotated[Services, Depends(get_services)]
-) -> JSONResponse:
+async def receive_webhook(queue: str, request: Request) -> JSONResponse:
     """Accepts the INSERT event of a queue row; the job runs in the background."""
+    # Called here rather than declared with Depends(): on this hot path FastAPI's
+    # dependency resolution (a plain function runs in its threadpool) cost more than
+    # the rest of the request together (bench/README.md, "Webhook path").
+    services = get_services(request)
+    signed = await _check_auth(request, queue)
+    if signed is None:
+        return await _receive(queue, request, services)
+    if not services.replays.first_seen(signed):
+        metrics.WEBHOOKS.labels(_label(services, queue), "duplicate").inc()
+        return JSONResponse(
+            {"status": "duplicate", "reason": "this webhook-id was seen before; ignored"}
+        )
+    try:
+        return await _receive(queue, request, services)
+    except ApiError:
+        # Not handled: a sender that retries with the same id must get through.
+        services.replays.forget(signed)
+        raise
+
+
+async def _receive(queue: str, request: Request, services: Services) -> JSONResponse:
+    """The event itself: checked, then its msg_id offered to the runner."""
     if queue not in services.runner.queues:
         metrics.WEBHOOKS.labels(_label(services, queue), "unknown_queue").inc()
         raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")

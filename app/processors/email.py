@@ -1,9 +1,20 @@
 """The email_queue processor: a message becomes a mail sent over SMTP.
 
+Either the mail is written out:
+
 ```json
 {"to": ["a@example.com", "Анна <anna@example.com>"], "cc": [], "bcc": [],
  "reply_to": ["support@example.com"], "subject": "Hi", "text": "Hello", "html": "<p>Hello</p>",
  "attachments": [{"filename": "report.csv", "content_type": "text/csv", "content": "<base64>"}]}
+```
+
+or it names a template, the variables it needs and a language (`MAIL_DEFAULT_LOCALE`
+when absent); `subject` may then override the template's subject:
+
+```json
+{"to": "anna@example.com", "template": "checkup_completed", "locale": "ru",
+ "context": {"patient_name": "Анна", "checkup_date": "27.11.2026",
+             "doctor_name": "Иванов И. И.", "results_url": "https://example.com/r/1"}}
 ```
 """
 
@@ -11,7 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +34,7 @@ from pydantic import (
     NameEmail,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,6 +48,7 @@ MAX_BODY_CHARS = 1_000_000
 MAX_ATTACHMENTS = 10
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 MAX_ATTACHMENTS_TOTAL_BYTES = 20 * 1024 * 1024
+MAX_CONTEXT_BYTES = 256 * 1024
 
 
 def _one_line(value: str) -> str:
@@ -90,8 +104,11 @@ class EmailAttachment(BaseModel):
         return base64.b64decode(self.content)
 
 
+Locale = Literal["en", "ru"]  # app.mail.LOCALES: the languages every template has
+
+
 class EmailJob(BaseModel):
-    """A mail to send: recipients, subject, and `text` and/or `html`."""
+    """A mail to send: recipients, and `subject` with `text` and/or `html`, or a `template`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -99,7 +116,11 @@ class EmailJob(BaseModel):
     cc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     bcc: list[EmailAddress] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     reply_to: list[EmailAddress] = Field(default_factory=list, max_length=10)
-    subject: OneLine = Field(min_length=1, max_length=998)
+    template: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    context: dict[str, Any] = Field(default_factory=dict)
+    locale: Locale | None = None
+    # After `template`, so that its validator can see whether a template gives one.
+    subject: OneLine | None = Field(None, min_length=1, max_length=998, validate_default=True)
     text: str | None = Field(None, max_length=MAX_BODY_CHARS)
     html: str | None = Field(None, max_length=MAX_BODY_CHARS)
     attachments: list[EmailAttachment] = Field(default_factory=list, max_length=MAX_ATTACHMENTS)
@@ -109,24 +130,52 @@ class EmailJob(BaseModel):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("subject")
+    @classmethod
+    def _subject_or_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("template") is None and "template" in info.data:
+            raise ValueError("is required without a template")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_CONTEXT_BYTES:
+            raise ValueError(f"is larger than {MAX_CONTEXT_BYTES} bytes")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> EmailJob:
-        if self.text is None and self.html is None:
-            raise ValueError("one of text or html is required")
+        if self.template is not None:
+            if self.text is not None or self.html is not None:
+                raise ValueError("give either template or text/html, not both")
+        else:
+            if self.text is None and self.html is None:
+                raise ValueError("one of text, html or template is required")
+            if self.context or self.locale is not None:
+                raise ValueError("context and locale go with a template")
         total = sum(len(a.decoded()) for a in self.attachments)
         if total > MAX_ATTACHMENTS_TOTAL_BYTES:
             raise ValueError(f"attachments exceed {MAX_ATTACHMENTS_TOTAL_BYTES} bytes in total")
         return self
 
-    def mail(self) -> Mail:
+    def mail(self, mailer: Mailer) -> Mail:
+        """The mail to send; a template is rendered (PermanentError names what is missing)."""
+        subject, text, html = self.subject, self.text, self.html
+        if self.template is not None:
+            rendered = mailer.templates.render(
+                self.template, self.locale or mailer.default_locale, self.context
+            )
+            subject, text, html = subject or rendered.subject, rendered.text, rendered.html
+        assert subject is not None  # checked by the model
         return Mail(
             to=list(self.to),
             cc=list(self.cc),
             bcc=list(self.bcc),
             reply_to=list(self.reply_to),
-            subject=self.subject,
-            text=self.text,
-            html=self.html,
+            subject=subject,
+            text=text,
+            html=html,
             attachments=[
                 Attachment(a.filename, a.content_type, a.decoded()) for a in self.attachments
             ],
@@ -143,4 +192,4 @@ class EmailProcessor:
 
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)
-        await self._mailer.send(job.mail())
+        await self._mailer.send(job.mail(self._mailer))

@@ -36,6 +36,16 @@ class ArchivedMessage(BaseModel):
     error: dict[str, Any] | None = None
 
 
+class RpcCaller(Protocol):
+    """Calls a function of the worker's schema with named arguments; returns its JSON result.
+
+    Processors that need the database (reports, payments) get one of these. Failures
+    raise `app.queue.rpc.RpcError`, whose `transient` says whether a retry may help.
+    """
+
+    async def call(self, function: str, args: dict[str, Any]) -> Any: ...
+
+
 class QueueBackend(Protocol):
     """What the worker needs from pgmq. Calls take arrays of ids so they can batch."""
 

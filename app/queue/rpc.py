@@ -6,15 +6,21 @@ database transaction on the server, so callers pass arrays of ids.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import TypeAdapter
 
 from app import __version__, metrics
 from app.queue.backend import ArchivedMessage, QueueMetrics
 from app.queue.models import QueueMessage
+
+T = TypeVar("T")
 
 
 class RpcError(Exception):
@@ -63,6 +69,7 @@ class SupabaseRpc:
         base_url: str, headers: dict[str, str], *, timeout: float, max_connections: int = 100
     ) -> httpx.AsyncClient:
         """The process's one HTTP client for Supabase, with keep-alive pooling."""
+        _record_missing_sniffio()
         return httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/rest/v1/rpc/",
             headers={
@@ -78,17 +85,32 @@ class SupabaseRpc:
 
     async def call(self, function: str, args: dict[str, Any]) -> Any:
         """Calls `function` with named arguments; returns the decoded JSON (None for 204)."""
+        return await self._timed(function, args, json.loads)
+
+    async def call_as(self, function: str, args: dict[str, Any], shape: TypeAdapter[T]) -> T | None:
+        """Like `call`, validated into `shape` straight from the response's bytes (None for 204).
+
+        For the queue's hot calls: one pass over the bytes instead of decoding to
+        dicts and then building models from them.
+        """
+        return await self._timed(function, args, shape.validate_json)
+
+    async def _timed(
+        self, function: str, args: dict[str, Any], parse: Callable[[bytes], T]
+    ) -> T | None:
         started = time.perf_counter()
         result = "error"
         try:
-            value = await self._call(function, args)
+            value = await self._call(function, args, parse)
             result = "ok"
             return value
         finally:
             metrics.RPC_CALLS.labels(function, result).inc()
             metrics.RPC_DURATION.labels(function).observe(time.perf_counter() - started)
 
-    async def _call(self, function: str, args: dict[str, Any]) -> Any:
+    async def _call(
+        self, function: str, args: dict[str, Any], parse: Callable[[bytes], T]
+    ) -> T | None:
         try:
             response = await self._client.post(
                 function, json=args, headers={"Content-Profile": self._schema}
@@ -99,10 +121,25 @@ class SupabaseRpc:
             return None
         if response.is_success:
             try:
-                return response.json()
-            except ValueError as error:
-                raise RpcError(function, response.status_code, "response is not JSON") from error
+                return parse(response.content)
+            except ValueError as error:  # pydantic's ValidationError is one too
+                raise RpcError(
+                    function, response.status_code, "response is not the expected JSON"
+                ) from error
         raise _error_from(function, response)
+
+
+def _record_missing_sniffio() -> None:
+    """Makes httpcore's probe for sniffio cheap when sniffio is not installed.
+
+    httpcore tries `import sniffio` (to tell trio from asyncio) whenever it creates a
+    lock or an event, several times per request. A failed import is not remembered:
+    each attempt searches sys.path again, about 140 us, which made the search a
+    leading cost of every RPC. A None entry in sys.modules makes the import fail at
+    once, and httpcore then assumes asyncio, as it does anyway without sniffio.
+    """
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 def _error_from(function: str, response: httpx.Response) -> RpcError:
@@ -122,6 +159,10 @@ def _error_from(function: str, response: httpx.Response) -> RpcError:
     return RpcError(function, response.status_code, response.reason_phrase or "error")
 
 
+_MESSAGES = TypeAdapter(list[QueueMessage])
+_IDS = TypeAdapter(list[int])
+
+
 class RpcQueue:
     """`QueueBackend` over the Supabase RPC functions in supabase/migrations."""
 
@@ -129,18 +170,16 @@ class RpcQueue:
         self._rpc = rpc
 
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
-        rows = await self._rpc.call(
-            "claim", {"queue_name": queue, "msg_ids": list(msg_ids), "vt": vt}
-        )
-        return [QueueMessage.model_validate(row) for row in rows]
+        args = {"queue_name": queue, "msg_ids": list(msg_ids), "vt": vt}
+        return await self._rpc.call_as("claim", args, _MESSAGES) or []
 
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
-        rows = await self._rpc.call("read", {"queue_name": queue, "vt": vt, "qty": qty})
-        return [QueueMessage.model_validate(row) for row in rows]
+        args = {"queue_name": queue, "vt": vt, "qty": qty}
+        return await self._rpc.call_as("read", args, _MESSAGES) or []
 
     async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
-        ids = await self._rpc.call("ack", {"queue_name": queue, "msg_ids": list(msg_ids)})
-        return [int(i) for i in ids]
+        args = {"queue_name": queue, "msg_ids": list(msg_ids)}
+        return await self._rpc.call_as("ack", args, _IDS) or []
 
     async def set_vt(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[int]:
         ids = await self._rpc.call(

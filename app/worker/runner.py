@@ -70,7 +70,11 @@ class Runner:
         # Slots taken per queue: running jobs plus claims/reads under way.
         self._busy: defaultdict[str, int] = defaultdict(int)
         self._freed: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
+        # Set when a webhook was deferred: work is waiting in the queue, and the
+        # sweeper takes it as soon as slots free up instead of at its next interval.
+        self.deferred: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
         self._background: list[asyncio.Task[None]] = []
+        self._metrics = {q: _JobMetrics(q) for q in processors}
         self.draining = False
 
     @property
@@ -85,8 +89,14 @@ class Runner:
     def free(self, queue: str) -> int:
         return max(0, self._config.max_concurrency - self._busy[queue])
 
-    async def wait_for_capacity(self, queue: str) -> None:
-        while self.free(queue) == 0:
+    @property
+    def capacity(self) -> int:
+        """Slots per queue (MAX_CONCURRENCY)."""
+        return self._config.max_concurrency
+
+    async def wait_for_capacity(self, queue: str, slots: int = 1) -> None:
+        """Returns once at least `slots` slots of `queue` are free."""
+        while self.free(queue) < min(slots, self._config.max_concurrency):
             event = self._freed[queue]
             event.clear()
             await event.wait()
@@ -107,6 +117,7 @@ class Runner:
         if self.draining:
             return Offer.DRAINING
         if self.free(queue) < len(msg_ids):
+            self.deferred[queue].set()
             return Offer.DEFERRED
         self._busy[queue] += len(msg_ids)
         self._spawn(self._claim_and_run(queue, msg_ids), f"claim:{queue}")
@@ -154,8 +165,14 @@ class Runner:
             self._release(queue, len(msg_ids))
             raise
         self._release(queue, len(msg_ids) - len(claimed))
-        for message in claimed:
+        if not claimed:
+            return
+        for message in claimed[:-1]:
             self._start_job(queue, message)
+        # The last one (a webhook's only one) runs in this task: one task less per job.
+        last = claimed[-1]
+        self.leases.hold(queue, last.msg_id)
+        await self._run(queue, last)
 
     def _start_job(self, queue: str, message: QueueMessage) -> None:
         # The slot was reserved by offer() or sweep(); the job frees it.
@@ -170,31 +187,24 @@ class Runner:
         # Overwritten on every normal path; "error" would mean a bug in the runner
         # itself, and "cancelled" a job stopped at shutdown.
         outcome = "error"
-        in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
-        in_progress.inc()
+        recorded = self._metrics[queue]
+        recorded.in_progress.inc()
         try:
             outcome = await self._decide(queue, message, context)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            in_progress.dec()
+            recorded.in_progress.dec()
             self.leases.release(queue, message.msg_id)
             self._release(queue)
             duration = time.perf_counter() - started
-            metrics.JOBS.labels(queue, outcome).inc()
-            metrics.JOB_DURATION.labels(queue).observe(duration)
-            if outcome in ("succeeded", "archived"):
-                finished = datetime.now(UTC)
-                metrics.JOB_LATENCY.labels(queue).observe(
-                    (finished - message.enqueued_at).total_seconds()
+            recorded.finished(outcome, duration, message.enqueued_at)
+            if log.isEnabledFor(logging.DEBUG):  # every job: not worth a line at info
+                log.debug(
+                    "job finished",
+                    extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
                 )
-                if outcome == "succeeded":
-                    metrics.LAST_SUCCESS.labels(queue).set(finished.timestamp())
-            log.info(
-                "job finished",
-                extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
-            )
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
         msg_id = message.msg_id
@@ -282,6 +292,30 @@ class Runner:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class _JobMetrics:
+    """The job metrics of one queue, with their label lookups done once."""
+
+    def __init__(self, queue: str) -> None:
+        self._queue = queue
+        self.in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
+        self._duration = metrics.JOB_DURATION.labels(queue)
+        self._latency = metrics.JOB_LATENCY.labels(queue)
+        self._last_success = metrics.LAST_SUCCESS.labels(queue)
+        self._outcomes: dict[str, Any] = {}
+
+    def finished(self, outcome: str, duration: float, enqueued_at: datetime) -> None:
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = metrics.JOBS.labels(self._queue, outcome)
+        counter.inc()
+        self._duration.observe(duration)
+        if outcome in ("succeeded", "archived"):
+            finished = datetime.now(UTC)
+            self._latency.observe((finished - enqueued_at).total_seconds())
+            if outcome == "succeeded":
+                self._last_success.set(finished.timestamp())
 
 
 def _describe(error: Exception) -> str:

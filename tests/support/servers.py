@@ -33,9 +33,7 @@ def serve_in_thread(
     """
     sock = bound_socket(host, port)
     actual_port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", **config)
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     failure: list[BaseException] = []
 
     def run() -> None:

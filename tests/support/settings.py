@@ -12,6 +12,10 @@ from tests.support.smtp import SmtpServer
 # Every variable the service reads; tests clear them so the developer's own
 # environment or .env cannot leak in.
 SERVICE_VARIABLES = (
+    "QUEUE_WORKER_MODE",
+    "DATA_DIR",
+    "DATABASE_URL",
+    "DATABASE_POOL_SIZE",
     "SUPABASE_URL",
     "SUPABASE_SERVICE_ROLE_KEY",
     "RPC_SCHEMA",
@@ -28,6 +32,12 @@ SERVICE_VARIABLES = (
     "SMTP_CA_FILE",
     "MAIL_FROM",
     "MAIL_FROM_NAME",
+    "MAIL_DEFAULT_LOCALE",
+    "QUEUES",
+    "SMTP_CONNECT_TIMEOUT_SECONDS",
+    "SMTP_MAX_CONNECTIONS",
+    "SMTP_KEEPALIVE_SECONDS",
+    "SMTP_MAX_PER_SECOND",
     "VISIBILITY_TIMEOUT_SECONDS",
     "HOST",
     "PORT",

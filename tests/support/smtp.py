@@ -37,6 +37,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -97,6 +98,10 @@ class ReceivedMessage:
     rcpt_tos: tuple[str, ...]
     # The AUTH identity the client logged in with (never the password).
     login: str | None
+    # The client's (host, port): mails with the same peer came over one session.
+    peer: tuple[str, int] | None = None
+    # time.monotonic() when DATA was accepted.
+    at: float = 0.0
 
 
 @dataclass
@@ -209,6 +214,8 @@ class _Handler:
                 mail_from=envelope.mail_from or "",
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 login=login,
+                peer=tuple(session.peer[:2]) if isinstance(session.peer, tuple) else None,
+                at=time.monotonic(),
             )
         )
         return f"250 2.0.0 OK queued as {number}"

@@ -1,0 +1,172 @@
+"""Pull path throughput: a preloaded queue drained by the sweeper, next to raw pgmq.
+
+1. raw pgmq: `pgmq.read(queue, 30, 100)` and `pgmq.delete(queue, ids[])` in a loop,
+   with psycopg on one connection in this process: what the database allows;
+2. the service (a `queue-worker` process with a no-op processor, against the RPC
+   gateway): its sweeper reads in batches that grow with the backlog, runs the jobs
+   and acks them in batches.
+
+Each run starts from N messages inserted in one transaction; the service is started
+(and its first sweep over the empty queue done) before they are inserted, so the
+time counted is the drain, from commit to an empty queue.
+
+    uv run python -m bench.pull_path [--messages 50000] [--max-concurrency 1000]
+        [--batch 500] [--raw-batch 100]
+
+Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.testbed import (
+    MachineCpu,
+    Probe,
+    bench_settings,
+    empty_queue,
+    enqueue,
+    noop_service,
+    settle_commits,
+)
+from tests.support.postgres import Database, bootstrap, fresh_database, server_url
+from tests.support.rpc_gateway import RpcGateway, running_gateway
+
+
+@dataclass
+class Row:
+    name: str
+    jobs: int
+    seconds: float
+    rpc_per_job: float | None
+    commits_per_job: float
+    cpu_us_per_job: float | None = None  # the service process's own CPU time
+    rpcs: str = ""
+    machine_busy: float = 0.0  # % of all cores busy meanwhile
+
+
+def raw_pgmq(db: Database, messages: int, batch: int) -> Row:
+    empty_queue(db)
+    enqueue(db, messages)
+    probe = Probe(db)
+    try:
+        before = probe.commits()
+        with db.connect() as conn:
+            started = time.perf_counter()
+            machine = MachineCpu()
+            done = 0
+            while True:
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "select msg_id from pgmq.read('email_queue', 30, %s)", [batch]
+                    ).fetchall()
+                ]
+                if not ids:
+                    break
+                conn.execute("select pgmq.delete('email_queue', %s::bigint[])", [ids])
+                done += len(ids)
+            seconds = time.perf_counter() - started
+            busy = machine.busy()
+        commits = settle_commits(probe) - before - (probe.statements - 1)
+    finally:
+        probe.close()
+    assert done == messages, (done, messages)
+    name = f"raw pgmq read({batch}) + delete(ids[])"
+    return Row(name, messages, seconds, None, commits / messages, machine_busy=busy)
+
+
+def service(db: Database, gateway: RpcGateway, args: argparse.Namespace, **overrides: Any) -> Row:
+    empty_queue(db)
+    settings = bench_settings(
+        gateway,
+        max_concurrency=args.max_concurrency,
+        sweep_batch_size=args.batch,
+        # The empty queue is read every 50 ms: the drain starts at once.
+        sweep_interval_seconds=0.05,
+        **overrides,
+    )
+    with noop_service(settings) as running:
+        time.sleep(1.0)
+        probe = Probe(db)
+        try:
+            before = probe.commits()
+            gateway.reset_counters()
+            enqueue(db, args.messages)
+            started = time.perf_counter()
+            cpu_before = running.cpu_seconds()
+            machine = MachineCpu()
+            while probe.value("select count(*) from pgmq.q_email_queue") > 0:
+                time.sleep(0.02)
+            seconds = time.perf_counter() - started
+            cpu = running.cpu_seconds() - cpu_before
+            busy = machine.busy()
+            calls = {name.split(".", 1)[1]: n for name, n in gateway.calls.items()}
+            rpcs = gateway.total_calls
+            after = settle_commits(probe)
+            # The insert, and the probe's own statements before the last reading.
+            commits = after - before - 1 - (probe.statements - 1)
+        finally:
+            probe.close()
+    return Row(
+        "queue-worker sweeper",
+        args.messages,
+        seconds,
+        rpcs / args.messages,
+        commits / args.messages,
+        cpu / args.messages * 1e6,
+        ", ".join(f"{k} {v}" for k, v in sorted(calls.items())),
+        busy,
+    )
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--max-concurrency", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=500, help="SWEEP_BATCH_SIZE")
+    parser.add_argument("--raw-batch", type=int, default=100)
+    args = parser.parse_args()
+
+    with server_url() as server, fresh_database(server, prefix="qw_bench") as db:
+        bootstrap(db)
+        raw = raw_pgmq(db, args.messages, args.raw_batch)
+        with running_gateway(db) as gateway:
+            swept = service(db, gateway, args)
+
+    print(  # noqa: T201
+        f"drain of {args.messages} messages; service MAX_CONCURRENCY={args.max_concurrency}, "
+        f"SWEEP_BATCH_SIZE={args.batch}"
+    )
+    header = ("run", "jobs", "seconds", "jobs/s", "RPC/job", "xact/job", "CPU us/job")
+    line = "{:<38}{:>8}{:>9}{:>9}{:>9}{:>10}{:>12}"
+    print(line.format(*header))  # noqa: T201
+    for row in (raw, swept):
+        cells = (
+            row.name,
+            row.jobs,
+            f"{row.seconds:.2f}",
+            f"{row.jobs / row.seconds:.0f}",
+            _cell(row.rpc_per_job, ".3f"),
+            f"{row.commits_per_job:.3f}",
+            _cell(row.cpu_us_per_job, ".0f"),
+        )
+        print(line.format(*cells))  # noqa: T201
+    print(f"  RPCs: {swept.rpcs}")  # noqa: T201
+    print(  # noqa: T201
+        f"  machine CPU busy (2 cores, all processes): raw {raw.machine_busy:.0f}%, "
+        f"sweeper {swept.machine_busy:.0f}%"
+    )
+    ratio = (swept.jobs / swept.seconds) / (raw.jobs / raw.seconds)
+    print(f"sweeper vs raw pgmq loop: {ratio:.2f}x")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
