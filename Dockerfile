@@ -43,9 +43,12 @@ RUN groupadd --system --gid 10001 worker \
 COPY --from=build /opt/venv /opt/venv
 # One process serves HTTP and runs the jobs, so prometheus_client needs no
 # PROMETHEUS_MULTIPROC_DIR. HOST/PORT are the service's own defaults, made explicit here.
+# QUEUE_WORKER_MODE=supabase: the image never falls back to local mode (it has no
+# embedded PostgreSQL); a missing SUPABASE_URL is a start-up error that names it.
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    QUEUE_WORKER_MODE=supabase \
     HOST=0.0.0.0 \
     PORT=8000
 # The service reads an optional .env from its working directory; none is in the image.

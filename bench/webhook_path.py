@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.testbed import (
     MachineCpu,
@@ -68,6 +71,7 @@ class Row:
     peak_rss_mb: float | None = None
     cpu_us_per_job: float | None = None  # the measured server process's own CPU time
     machine_busy: float | None = None  # % of all cores busy meanwhile
+    rpc_latency: tuple[float, float] | None = None  # claim+ack RPC p50, p99 upper bounds, ms
 
     @property
     def rate(self) -> float:
@@ -197,10 +201,13 @@ def paced(
             loadgen({**spec, "count": warmup})
             wait_drained(probe, warmup)
             probe.run("truncate public.bench_acks")
+            buckets_before = rpc_buckets(service.url)
             gateway.reset_counters()
             result = loadgen({**spec, "count": count})
             wait_drained(probe, count)
             rpc_per_job, calls = _rpc_counts(gateway, count)
+            buckets = Counter(rpc_buckets(service.url))
+            buckets.subtract(buckets_before)
             rows = probe.rows(
                 "select extract(epoch from acked_at - enqueued_at)::float8 * 1000 "
                 "from public.bench_acks"
@@ -218,7 +225,28 @@ def paced(
         None,
         result["statuses"],
         calls,
+        rpc_latency=(bucket_quantile(buckets, 0.5), bucket_quantile(buckets, 0.99)),
     )
+
+
+def rpc_buckets(url: str) -> dict[float, float]:
+    """The service's claim and ack latency histogram (cumulative counts per bucket)."""
+    text = httpx.get(f"{url}/metrics").text
+    counts: Counter[float] = Counter()
+    pattern = (
+        r"^queue_worker_rpc_duration_seconds_bucket"
+        r'\{function="(?:claim|ack)",le="([^"]+)"\} (\S+)$'
+    )
+    for match in re.finditer(pattern, text, re.MULTILINE):
+        counts[float(match.group(1))] += float(match.group(2))
+    return dict(counts)
+
+
+def bucket_quantile(buckets: Counter[float], q: float) -> float:
+    """The upper bound (ms) of the histogram bucket holding quantile `q`."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    return next(b for b in bounds if buckets[b] >= q * total) * 1000
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -259,6 +287,8 @@ def print_table(title: str, rows: list[Row]) -> None:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(row.answers.items()))
         rpcs = ", ".join(f"{k} {v}" for k, v in sorted(row.rpcs.items()))
         busy = f"; machine CPU busy {row.machine_busy:.0f}%" if row.machine_busy else ""
+        if row.rpc_latency:
+            busy += "; claim/ack RPC p50 <= {:g} ms, p99 <= {:g} ms".format(*row.rpc_latency)
         print(f"  {row.name}: answers {answers}" + (f"; RPCs {rpcs}" if rpcs else "") + busy)  # noqa: T201
 
 
