@@ -11,7 +11,7 @@ Each run starts from N messages inserted in one transaction; the service is star
 time counted is the drain, from commit to an empty queue.
 
     uv run python -m bench.pull_path [--messages 50000] [--max-concurrency 1000]
-        [--batch 500] [--raw-batch 100]
+        [--batch 500] [--raw-batch 100] [--repeat 3]
 
 Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 """
@@ -31,6 +31,7 @@ from bench.testbed import (
     enqueue,
     noop_service,
     settle_commits,
+    wait_empty,
 )
 from tests.support.postgres import Database, bootstrap, fresh_database, server_url
 from tests.support.rpc_gateway import RpcGateway, running_gateway
@@ -99,8 +100,7 @@ def service(db: Database, gateway: RpcGateway, args: argparse.Namespace, **overr
             started = time.perf_counter()
             cpu_before = running.cpu_seconds()
             machine = MachineCpu()
-            while probe.value("select count(*) from pgmq.q_email_queue") > 0:
-                time.sleep(0.02)
+            wait_empty(probe)
             seconds = time.perf_counter() - started
             cpu = running.cpu_seconds() - cpu_before
             busy = machine.busy()
@@ -127,28 +127,43 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def median(rows: list[Row]) -> Row:
+    """The run with the median rate."""
+    return sorted(rows, key=lambda row: row.jobs / row.seconds)[len(rows) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--max-concurrency", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500, help="SWEEP_BATCH_SIZE")
     parser.add_argument("--raw-batch", type=int, default=100)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="raw and sweeper runs alternate this often: the machine is shared",
+    )
     args = parser.parse_args()
 
+    raws: list[Row] = []
+    swept: list[Row] = []
     with server_url() as server, fresh_database(server, prefix="qw_bench") as db:
         bootstrap(db)
-        raw = raw_pgmq(db, args.messages, args.raw_batch)
         with running_gateway(db) as gateway:
-            swept = service(db, gateway, args)
+            for _ in range(args.repeat):
+                raws.append(raw_pgmq(db, args.messages, args.raw_batch))
+                swept.append(service(db, gateway, args))
 
     print(  # noqa: T201
         f"drain of {args.messages} messages; service MAX_CONCURRENCY={args.max_concurrency}, "
-        f"SWEEP_BATCH_SIZE={args.batch}"
+        f"SWEEP_BATCH_SIZE={args.batch}; median of {args.repeat} alternating runs"
     )
     header = ("run", "jobs", "seconds", "jobs/s", "RPC/job", "xact/job", "CPU us/job")
     line = "{:<38}{:>8}{:>9}{:>9}{:>9}{:>10}{:>12}"
     print(line.format(*header))  # noqa: T201
-    for row in (raw, swept):
+    raw, sweeper = median(raws), median(swept)
+    for row in (raw, sweeper):
         cells = (
             row.name,
             row.jobs,
@@ -159,13 +174,24 @@ def main() -> None:
             _cell(row.cpu_us_per_job, ".0f"),
         )
         print(line.format(*cells))  # noqa: T201
-    print(f"  RPCs: {swept.rpcs}")  # noqa: T201
+    print(f"  RPCs: {sweeper.rpcs}")  # noqa: T201
     print(  # noqa: T201
-        f"  machine CPU busy (2 cores, all processes): raw {raw.machine_busy:.0f}%, "
-        f"sweeper {swept.machine_busy:.0f}%"
+        "  all runs, jobs/s: raw "
+        + ", ".join(f"{r.jobs / r.seconds:.0f}" for r in raws)
+        + "; sweeper "
+        + ", ".join(f"{r.jobs / r.seconds:.0f}" for r in swept)
     )
-    ratio = (swept.jobs / swept.seconds) / (raw.jobs / raw.seconds)
-    print(f"sweeper vs raw pgmq loop: {ratio:.2f}x")  # noqa: T201
+    print(  # noqa: T201
+        "  machine CPU busy (2 cores, all processes, this bench's and others'): raw "
+        + ", ".join(f"{r.machine_busy:.0f}%" for r in raws)
+        + "; sweeper "
+        + ", ".join(f"{r.machine_busy:.0f}%" for r in swept)
+    )
+    ratios = [(s.jobs / s.seconds) / (r.jobs / r.seconds) for r, s in zip(raws, swept, strict=True)]
+    print(  # noqa: T201
+        f"sweeper vs raw pgmq loop: {sorted(ratios)[len(ratios) // 2]:.2f}x "
+        f"(median of the back-to-back pairs: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ Reported per run: jobs/s until the last ack, p50/p99 webhook->ack latency, RPC c
 and database transactions per job. Then the enqueue->ack latency when messages
 arrive at a steady 200 a second, each webhook sent as soon as its insert commits.
 
-    uv run python -m bench.webhook_path [--messages 20000] [--concurrency 64]
-        [--max-concurrency 1000] [--batch 500] [--rate 200] [--paced-seconds 10]
-        [--profile DIR]
+    uv run python -m bench.webhook_path [--messages 20000] [--floor-messages 5000]
+        [--concurrency 64] [--max-concurrency 1000] [--batch 500] [--repeat 3]
+        [--rate 200] [--paced-seconds 10] [--profile DIR]
 
 Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 """
@@ -71,7 +71,8 @@ class Row:
     peak_rss_mb: float | None = None
     cpu_us_per_job: float | None = None  # the measured server process's own CPU time
     machine_busy: float | None = None  # % of all cores busy meanwhile
-    rpc_latency: tuple[float, float] | None = None  # claim+ack RPC p50, p99 upper bounds, ms
+    rpc_buckets: Counter[float] | None = None  # the service's claim+ack RPC latency histogram
+    latencies: list[float] = field(default_factory=list, repr=False)
 
     @property
     def rate(self) -> float:
@@ -111,7 +112,12 @@ def _rpc_counts(gateway: RpcGateway, total: int) -> tuple[float, dict[str, int]]
 
 
 def burst(
-    db: Database, gateway: RpcGateway, name: str, args: argparse.Namespace, **settings: Any
+    db: Database,
+    gateway: RpcGateway,
+    name: str,
+    args: argparse.Namespace,
+    messages: int,
+    **settings: Any,
 ) -> Row:
     empty_queue(db)
     config = bench_settings(
@@ -123,7 +129,7 @@ def burst(
         profile = args.profile / (name.split(",")[-1].strip().replace("=", "-") + ".prof")
     with noop_service(config, profile) as service:
         time.sleep(1.0)  # the sweeper's first pass (on the empty queue) is over
-        ids = enqueue(db, args.messages)
+        ids = enqueue(db, messages)
         probe = Probe(db)
         try:
             gateway.reset_counters()
@@ -225,7 +231,8 @@ def paced(
         None,
         result["statuses"],
         calls,
-        rpc_latency=(bucket_quantile(buckets, 0.5), bucket_quantile(buckets, 0.99)),
+        rpc_buckets=buckets,
+        latencies=latencies,
     )
 
 
@@ -287,17 +294,52 @@ def print_table(title: str, rows: list[Row]) -> None:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(row.answers.items()))
         rpcs = ", ".join(f"{k} {v}" for k, v in sorted(row.rpcs.items()))
         busy = f"; machine CPU busy {row.machine_busy:.0f}%" if row.machine_busy else ""
-        if row.rpc_latency:
-            busy += "; claim/ack RPC p50 <= {:g} ms, p99 <= {:g} ms".format(*row.rpc_latency)
+        if row.rpc_buckets:
+            p50, p99 = bucket_quantile(row.rpc_buckets, 0.5), bucket_quantile(row.rpc_buckets, 0.99)
+            busy += f"; claim/ack RPC p50 <= {p50:g} ms, p99 <= {p99:g} ms"
         print(f"  {row.name}: answers {answers}" + (f"; RPCs {rpcs}" if rpcs else "") + busy)  # noqa: T201
+
+
+def median(rows: list[Row]) -> Row:
+    """The run with the median rate."""
+    return sorted(rows, key=lambda row: row.rate)[len(rows) // 2]
+
+
+def pooled(name: str, rows: list[Row]) -> Row:
+    """Several paced runs as one: latency percentiles over all their jobs."""
+    latencies = [value for row in rows for value in row.latencies]
+    answers: Counter[str] = sum((Counter(row.answers) for row in rows), Counter())
+    rpcs: Counter[str] = sum((Counter(row.rpcs) for row in rows), Counter())
+    buckets: Counter[float] = sum((row.rpc_buckets or Counter() for row in rows), Counter())
+    jobs = sum(row.jobs for row in rows)
+    return Row(
+        name,
+        jobs,
+        sum(row.seconds for row in rows),
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        sum(rpcs.values()) / jobs,
+        None,
+        answers,
+        dict(rpcs),
+        rpc_buckets=buckets,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--floor-messages", type=int, default=5_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500, help="SWEEP_BATCH_SIZE")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="bare and coalescing bursts, and paced runs, are repeated (alternating) "
+        "this often: the machine is shared, so single runs vary",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -311,29 +353,52 @@ def main() -> None:
     with server_url() as server, fresh_database(server, prefix="qw_bench") as db:
         bootstrap(db)
         install_ack_recorder(db)
-        ceiling = bare(args.messages, args.concurrency)
         with running_gateway(db) as gateway:
-            coalesced = burst(db, gateway, "queue-worker, coalescing", args)
+            ceilings: list[Row] = []
+            coalesced: list[Row] = []
+            for _ in range(args.repeat):
+                ceilings.append(bare(args.messages, args.concurrency))
+                coalesced.append(
+                    burst(db, gateway, "queue-worker, coalescing", args, args.messages)
+                )
             floor = burst(
-                db, gateway, "queue-worker, COALESCE_MAX_BATCH=1", args, coalesce_max_batch=1
+                db,
+                gateway,
+                "queue-worker, COALESCE_MAX_BATCH=1",
+                args,
+                args.floor_messages,
+                coalesce_max_batch=1,
             )
-            paced_on = paced(db, gateway, "paced, coalescing", args)
+            paced_on = pooled(
+                "paced, coalescing",
+                [paced(db, gateway, "paced, coalescing", args) for _ in range(args.repeat)],
+            )
             paced_off = paced(
                 db, gateway, "paced, COALESCE_MAX_BATCH=1", args, coalesce_max_batch=1
             )
 
+    ratios = [c.rate / b.rate for b, c in zip(ceilings, coalesced, strict=True)]
     print_table(  # noqa: T201
-        f"burst: {args.messages} webhooks at concurrency {args.concurrency}, "
-        f"MAX_CONCURRENCY={args.max_concurrency}",
-        [ceiling, coalesced, floor],
+        f"burst: {args.messages} webhooks ({args.floor_messages} for the floor) at "
+        f"concurrency {args.concurrency}, MAX_CONCURRENCY={args.max_concurrency}; "
+        f"median of {args.repeat} alternating runs",
+        [median(ceilings), median(coalesced), floor],
     )
     print(  # noqa: T201
-        f"coalescing vs bare endpoint: {coalesced.rate / ceiling.rate:.2f}x; "
-        f"vs one RPC per message: {coalesced.rate / floor.rate:.1f}x"
+        "  all runs, jobs/s: bare "
+        + ", ".join(f"{row.rate:.0f}" for row in ceilings)
+        + "; coalescing "
+        + ", ".join(f"{row.rate:.0f}" for row in coalesced)
+    )
+    print(  # noqa: T201
+        f"coalescing vs bare endpoint: {sorted(ratios)[len(ratios) // 2]:.2f}x "
+        f"(median of the back-to-back pairs: {', '.join(f'{r:.2f}' for r in ratios)}); "
+        f"vs one RPC per message: {median(coalesced).rate / floor.rate:.1f}x"
     )
     print()  # noqa: T201
     print_table(
-        f"paced: {args.rate:g} jobs/s for {args.paced_seconds:g} s (latency from enqueue to ack)",
+        f"paced: {args.rate:g} jobs/s for {args.paced_seconds:g} s, latency from enqueue to "
+        f"ack (coalescing: {args.repeat} runs pooled)",
         [paced_on, paced_off],
     )
 
