@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,7 +102,7 @@ class RequestIdMiddleware:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = (
-            incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else (uuid.uuid4().hex)
+            incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else os.urandom(16).hex()
         )
         token = REQUEST_ID.set(request_id)
 

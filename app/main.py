@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 
 from app import __version__, local
-from app.api import queues, router
+from app.api import ROUTERS, queues
 from app.api.deps import Services
 from app.api.errors import ApiError, invalid_request
 from app.api.limits import BodyLimits, body_caps
@@ -246,7 +246,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first so it runs inside RequestIdMiddleware: refusals carry a request id too.
     app.add_middleware(BodyLimits, cap=body_caps(settings))
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(router)
+    for router in ROUTERS:
+        app.include_router(router)
     if settings.api_token is not None:
         app.include_router(queues.router)
     return app

@@ -1,11 +1,10 @@
 """The thin HTTP layer: webhooks, health and metrics. Routes hand work to the runner."""
 
-from fastapi import APIRouter
-
 from app.api import health, webhooks
 
-router = APIRouter()
-router.include_router(webhooks.router)
-router.include_router(health.router)
+# Included one by one into the app, webhooks first: FastAPI matches a request against
+# each route in turn, through every level of included routers, and the webhook is the
+# route that takes the traffic (bench/README.md, "Webhook path").
+ROUTERS = (webhooks.router, health.router)
 
-__all__ = ["router"]
+__all__ = ["ROUTERS"]

@@ -47,21 +47,28 @@ class BearerSecret:
 
     def __init__(self, *settings: str) -> None:
         self._settings = settings
+        # The secrets as bytes, for the Settings object they were read from: encoded
+        # once, not on every request.
+        self._encoded: tuple[Settings, tuple[bytes, ...]] | None = None
+
+    def _secrets(self, config: Settings) -> tuple[bytes, ...]:
+        if self._encoded is None or self._encoded[0] is not config:
+            values = (getattr(config, name) for name in self._settings)
+            secrets = tuple(v.get_secret_value().encode() for v in values if v is not None)
+            self._encoded = (config, tuple(s for s in secrets if s))
+        return self._encoded[1]
 
     def matches(self, request: Request) -> bool:
         """Whether the request carries one of the configured secrets as its bearer token."""
-        config = get_services(request).settings
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             return False
         given = token.strip().encode()
         ok = False
-        for name in self._settings:
-            configured = getattr(config, name)
-            secret = configured.get_secret_value().encode() if configured is not None else b""
+        for secret in self._secrets(get_services(request).settings):
             # Every secret is compared, so the time taken does not tell which one matched.
-            ok |= bool(secret) and hmac.compare_digest(given, secret)
+            ok |= hmac.compare_digest(given, secret)
         return ok
 
     def __call__(self, request: Request) -> None:

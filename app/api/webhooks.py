@@ -12,10 +12,11 @@ window is answered 200 "duplicate" and not offered to the runner again.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import metrics
@@ -91,12 +92,21 @@ async def _check_auth(request: Request, queue: str) -> SignedWebhook | None:
         404: {"description": "The service does not serve this queue"},
         422: {"description": "The body is not a pgmq queue row event"},
     },
+    # `queue` is read from the path below rather than declared as a parameter, so it
+    # is documented here.
+    openapi_extra={
+        "parameters": [
+            {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
+    },
 )
-async def receive_webhook(queue: str, request: Request) -> JSONResponse:
+async def receive_webhook(request: Request) -> Response:
     """Accepts the INSERT event of a queue row; the job runs in the background."""
-    # Called here rather than declared with Depends(): on this hot path FastAPI's
-    # dependency resolution (a plain function runs in its threadpool) cost more than
+    # This route takes every webhook, so it asks FastAPI for nothing: the path
+    # parameter is read here, and the services are looked up rather than declared
+    # with Depends(). Parameter and dependency resolution per request cost more than
     # the rest of the request together (bench/README.md, "Webhook path").
+    queue: str = request.path_params["queue"]
     services = get_services(request)
     signed = await _check_auth(request, queue)
     if signed is None:
@@ -114,7 +124,7 @@ async def receive_webhook(queue: str, request: Request) -> JSONResponse:
         raise
 
 
-async def _receive(queue: str, request: Request, services: Services) -> JSONResponse:
+async def _receive(queue: str, request: Request, services: Services) -> Response:
     """The event itself: checked, then its msg_id offered to the runner."""
     if queue not in services.runner.queues:
         metrics.WEBHOOKS.labels(_label(services, queue), "unknown_queue").inc()
@@ -139,7 +149,7 @@ async def _receive(queue: str, request: Request, services: Services) -> JSONResp
     except ValidationError as error:
         raise _invalid(queue, describe_invalid(error, within="record")) from None
     offer = services.runner.offer(queue, [row.msg_id])
-    metrics.WEBHOOKS.labels(queue, offer.value).inc()
+    _counter(queue, offer.value).inc()
     if offer is Offer.DRAINING:
         # pg_net does not retry; the message stays queued and is swept up later.
         raise ApiError(
@@ -149,4 +159,15 @@ async def _receive(queue: str, request: Request, services: Services) -> JSONResp
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     # DEFERRED: at capacity; the message stays queued and the sweeper takes it.
-    return JSONResponse({"status": offer.value, "msg_id": row.msg_id}, status_code=202)
+    # What JSONResponse would render, written out: this is every webhook's answer.
+    return Response(
+        b'{"status":"%s","msg_id":%d}' % (offer.value.encode(), row.msg_id),
+        status_code=202,
+        media_type="application/json",
+    )
+
+
+@functools.cache
+def _counter(queue: str, result: str) -> Any:
+    """The webhook counter's child for a served queue (label lookups cost a lock)."""
+    return metrics.WEBHOOKS.labels(queue, result)
