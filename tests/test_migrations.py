@@ -136,6 +136,27 @@ def test_service_role_can_run_the_whole_cycle(db: Database) -> None:
     assert archived == [(msg_id,)]
 
 
+def test_read_and_claim_return_a_messages_headers(db: Database) -> None:
+    with db.connect() as conn:
+        with_headers, without = (
+            conn.execute(
+                "select pgmq.send('reports_queue', '{\"n\": 1}', %s::jsonb)", [headers]
+            ).fetchall()[0][0]
+            for headers in ('{"trace": "t-1"}', None)
+        )
+    with db.connect(role="service_role") as conn:
+        read = conn.execute(
+            "select msg_id, message, headers from queue_worker.read('reports_queue', 30, 10)"
+        ).fetchall()
+        conn.execute("select queue_worker.set_vt('reports_queue', %s, 0)", [[with_headers]])
+        claimed = conn.execute(
+            "select msg_id, headers from queue_worker.claim('reports_queue', %s, 30)",
+            [[with_headers]],
+        ).fetchall()
+    assert sorted(read) == [(with_headers, {"n": 1}, {"trace": "t-1"}), (without, {"n": 1}, None)]
+    assert claimed == [(with_headers, {"trace": "t-1"})]
+
+
 def test_claim_refuses_an_unknown_queue(db: Database) -> None:
     with db.connect(role="service_role") as conn:
         with pytest.raises(psycopg.errors.RaiseException, match="unknown queue: nope"):
