@@ -11,7 +11,7 @@ Each run starts from N messages inserted in one transaction; the service is star
 time counted is the drain, from commit to an empty queue.
 
     uv run python -m bench.pull_path [--messages 50000] [--max-concurrency 1000]
-        [--batch 500] [--raw-batch 100] [--repeat 3]
+        [--batch 500] [--raw-batch 100] [--repeat 3] [--profile FILE]
 
 Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 """
@@ -19,12 +19,16 @@ Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.testbed import (
     MachineCpu,
+    PostgresCpu,
     Probe,
     bench_settings,
     empty_queue,
@@ -47,6 +51,10 @@ class Row:
     cpu_us_per_job: float | None = None  # the service process's own CPU time
     rpcs: str = ""
     machine_busy: float = 0.0  # % of all cores busy meanwhile
+    # Where the CPU went, per job (us): this bench's process (the raw loop, or the
+    # RPC gateway stand-in's thread while the main thread polls) and PostgreSQL.
+    bench_us_per_job: float = 0.0
+    postgres_us_per_job: float = 0.0
 
 
 def raw_pgmq(db: Database, messages: int, batch: int) -> Row:
@@ -58,6 +66,7 @@ def raw_pgmq(db: Database, messages: int, batch: int) -> Row:
         with db.connect() as conn:
             started = time.perf_counter()
             machine = MachineCpu()
+            own_before, postgres = time.process_time(), PostgresCpu()
             done = 0
             while True:
                 ids = [
@@ -72,12 +81,23 @@ def raw_pgmq(db: Database, messages: int, batch: int) -> Row:
                 done += len(ids)
             seconds = time.perf_counter() - started
             busy = machine.busy()
+            own = time.process_time() - own_before
+            pg = postgres.seconds()
         commits = settle_commits(probe) - before - (probe.statements - 1)
     finally:
         probe.close()
     assert done == messages, (done, messages)
     name = f"raw pgmq read({batch}) + delete(ids[])"
-    return Row(name, messages, seconds, None, commits / messages, machine_busy=busy)
+    return Row(
+        name,
+        messages,
+        seconds,
+        None,
+        commits / messages,
+        machine_busy=busy,
+        bench_us_per_job=own / messages * 1e6,
+        postgres_us_per_job=pg / messages * 1e6,
+    )
 
 
 def service(db: Database, gateway: RpcGateway, args: argparse.Namespace, **overrides: Any) -> Row:
@@ -90,20 +110,27 @@ def service(db: Database, gateway: RpcGateway, args: argparse.Namespace, **overr
         sweep_interval_seconds=0.05,
         **overrides,
     )
-    with noop_service(settings) as running:
+    with noop_service(settings, args.profile) as running:
         time.sleep(1.0)
         probe = Probe(db)
         try:
             before = probe.commits()
             gateway.reset_counters()
             enqueue(db, args.messages)
+            if args.profile is not None:
+                os.kill(running.pid, signal.SIGUSR1)
             started = time.perf_counter()
             cpu_before = running.cpu_seconds()
             machine = MachineCpu()
+            own_before, postgres = time.process_time(), PostgresCpu()
             wait_empty(probe)
             seconds = time.perf_counter() - started
+            if args.profile is not None:
+                os.kill(running.pid, signal.SIGUSR2)
             cpu = running.cpu_seconds() - cpu_before
             busy = machine.busy()
+            own = time.process_time() - own_before
+            pg = postgres.seconds()
             calls = {name.split(".", 1)[1]: n for name, n in gateway.calls.items()}
             rpcs = gateway.total_calls
             after = settle_commits(probe)
@@ -120,11 +147,18 @@ def service(db: Database, gateway: RpcGateway, args: argparse.Namespace, **overr
         cpu / args.messages * 1e6,
         ", ".join(f"{k} {v}" for k, v in sorted(calls.items())),
         busy,
+        own / args.messages * 1e6,
+        pg / args.messages * 1e6,
     )
 
 
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _mid(rows: list[Row], field: str) -> float:
+    values = sorted(getattr(row, field) for row in rows)
+    return float(values[len(values) // 2])
 
 
 def median(rows: list[Row]) -> Row:
@@ -143,6 +177,12 @@ def main() -> None:
         type=int,
         default=3,
         help="raw and sweeper runs alternate this often: the machine is shared",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="file for cProfile statistics (CPU time) of the service during its drains "
+        "(a profiled run is slower: its figures are not comparable)",
     )
     args = parser.parse_args()
 
@@ -186,6 +226,13 @@ def main() -> None:
         + ", ".join(f"{r.machine_busy:.0f}%" for r in raws)
         + "; sweeper "
         + ", ".join(f"{r.machine_busy:.0f}%" for r in swept)
+    )
+    print(  # noqa: T201
+        f"  CPU per job (us), medians: raw loop: bench process (psycopg) "
+        f"{_mid(raws, 'bench_us_per_job'):.0f}, PostgreSQL {_mid(raws, 'postgres_us_per_job'):.0f}"
+        f"; sweeper: service {_mid(swept, 'cpu_us_per_job'):.0f}, bench process (the RPC "
+        f"gateway stand-in) {_mid(swept, 'bench_us_per_job'):.0f}, PostgreSQL "
+        f"{_mid(swept, 'postgres_us_per_job'):.0f}"
     )
     ratios = [(s.jobs / s.seconds) / (r.jobs / r.seconds) for r, s in zip(raws, swept, strict=True)]
     print(  # noqa: T201

@@ -113,6 +113,39 @@ class MachineCpu:
         return (busy - self._start[0]) / max(1, total - self._start[1]) * 100
 
 
+class PostgresCpu:
+    """CPU time (user + system) this machine's PostgreSQL processes used since `start()`.
+
+    Read per process from /proc, which lists only live ones: a backend that exits
+    meanwhile takes its time with it, so the figure is a lower bound (the measured
+    runs keep their connections open). Meaningful when the database server runs on
+    this machine (the machine's PostgreSQL, or the embedded one).
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> dict[int, int]:
+        ticks: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "comm").read_text().strip() != "postgres":
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        return ticks
+
+    def seconds(self) -> float:
+        now = self._read()
+        used = sum(t - self._start.get(pid, 0) for pid, t in now.items())
+        return used / os.sysconf("SC_CLK_TCK")
+
+
 def install_ack_recorder(db: Database) -> None:
     with db.connect() as conn:
         conn.execute(ACK_RECORDER_SQL)

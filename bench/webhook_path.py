@@ -20,7 +20,8 @@ arrive at a steady 200 a second, each webhook sent as soon as its insert commits
 
     uv run python -m bench.webhook_path [--messages 20000] [--floor-messages 5000]
         [--concurrency 64] [--max-concurrency 1000] [--batch 500] [--repeat 3]
-        [--rate 200] [--paced-seconds 10] [--profile DIR]
+        [--rate 200] [--paced-seconds 10] [--profile DIR] [--only burst|paced]
+        [--cpu-hogs N]
 
 Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 """
@@ -28,11 +29,15 @@ Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,35 +353,58 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--only",
+        choices=["burst", "paced"],
+        help="run only the burst table or only the paced one",
+    )
+    parser.add_argument(
+        "--cpu-hogs",
+        type=int,
+        default=0,
+        help="busy-loop processes competing for the CPU during the paced runs (the "
+        "machine's other load, made repeatable)",
+    )
     args = parser.parse_args()
 
     with server_url() as server, fresh_database(server, prefix="qw_bench") as db:
         bootstrap(db)
         install_ack_recorder(db)
         with running_gateway(db) as gateway:
-            ceilings: list[Row] = []
-            coalesced: list[Row] = []
-            for _ in range(args.repeat):
-                ceilings.append(bare(args.messages, args.concurrency))
-                coalesced.append(
-                    burst(db, gateway, "queue-worker, coalescing", args, args.messages)
+            if args.only != "paced":
+                bursts(db, gateway, args)
+            if args.only != "burst":
+                with cpu_hogs(args.cpu_hogs):
+                    paced_on = pooled(
+                        "paced, coalescing",
+                        [paced(db, gateway, "paced, coalescing", args) for _ in range(args.repeat)],
+                    )
+                    paced_off = paced(
+                        db, gateway, "paced, COALESCE_MAX_BATCH=1", args, coalesce_max_batch=1
+                    )
+                hogs = f"; {args.cpu_hogs} CPU-bound processes competing" if args.cpu_hogs else ""
+                print_table(
+                    f"paced: {args.rate:g} jobs/s for {args.paced_seconds:g} s, latency from "
+                    f"enqueue to ack (coalescing: {args.repeat} runs pooled){hogs}",
+                    [paced_on, paced_off],
                 )
-            floor = burst(
-                db,
-                gateway,
-                "queue-worker, COALESCE_MAX_BATCH=1",
-                args,
-                args.floor_messages,
-                coalesce_max_batch=1,
-            )
-            paced_on = pooled(
-                "paced, coalescing",
-                [paced(db, gateway, "paced, coalescing", args) for _ in range(args.repeat)],
-            )
-            paced_off = paced(
-                db, gateway, "paced, COALESCE_MAX_BATCH=1", args, coalesce_max_batch=1
-            )
 
+
+def bursts(db: Database, gateway: RpcGateway, args: argparse.Namespace) -> None:
+    """The burst table: bare endpoint and coalescing alternating, then the floor."""
+    ceilings: list[Row] = []
+    coalesced: list[Row] = []
+    for _ in range(args.repeat):
+        ceilings.append(bare(args.messages, args.concurrency))
+        coalesced.append(burst(db, gateway, "queue-worker, coalescing", args, args.messages))
+    floor = burst(
+        db,
+        gateway,
+        "queue-worker, COALESCE_MAX_BATCH=1",
+        args,
+        args.floor_messages,
+        coalesce_max_batch=1,
+    )
     ratios = [c.rate / b.rate for b, c in zip(ceilings, coalesced, strict=True)]
     print_table(  # noqa: T201
         f"burst: {args.messages} webhooks ({args.floor_messages} for the floor) at "
@@ -396,11 +424,19 @@ def main() -> None:
         f"vs one RPC per message: {median(coalesced).rate / floor.rate:.1f}x"
     )
     print()  # noqa: T201
-    print_table(
-        f"paced: {args.rate:g} jobs/s for {args.paced_seconds:g} s, latency from enqueue to "
-        f"ack (coalescing: {args.repeat} runs pooled)",
-        [paced_on, paced_off],
-    )
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """`count` processes spinning on the CPU at normal priority for the duration."""
+    spin = "while True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ STARTTLS and AUTH, and the service itself served by uvicorn on loopback.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -193,3 +194,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, numbers in _FIGURES:
         values = "  ".join(f"{key}={value}" for key, value in numbers.items())
         terminalreporter.write_line(f"{name}: {values}")
+
+
+# After the last test, pytest has nothing left to wait for; a thread that never ends
+# (a server or pool someone forgot to stop) would then keep the interpreter from
+# exiting, and CI would hang without a word. pytest-timeout covers each test and its
+# fixtures, not that last step: past this many seconds, every thread's stack is
+# printed and the process exits with status 1.
+EXIT_WATCHDOG_SECONDS = 120
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_SECONDS, exit=True)

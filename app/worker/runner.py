@@ -34,6 +34,7 @@ from app.processors import Registry
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
+from app.worker.deadlines import Deadlines
 from app.worker.leases import Leases
 from app.worker.policy import RetryPolicy
 from app.worker.settle import Settler
@@ -66,6 +67,7 @@ class Runner:
         self._config = config
         self.leases = Leases(backend, vt=config.visibility_timeout)
         self.settler = Settler(backend)
+        self._deadlines = Deadlines(config.job_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
         # Slots taken per queue: running jobs plus claims/reads under way.
         self._busy: defaultdict[str, int] = defaultdict(int)
@@ -224,7 +226,7 @@ class Runner:
             await self.settler.archive(queue, msg_id, error)
             return "archived"
         try:
-            async with asyncio.timeout(self._config.job_timeout):
+            async with self._deadlines():
                 await self._processors[queue](message)
         except PermanentError as error:
             return await self._archive(queue, message, error, context)
