@@ -113,6 +113,19 @@ class MachineCpu:
         return (busy - self._start[0]) / max(1, total - self._start[1]) * 100
 
 
+def run_queue_seconds(pid: int) -> float:
+    """Time the threads of `pid` have spent runnable but waiting for a CPU, so far.
+
+    The second field of /proc/<pid>/task/<tid>/schedstat (nanoseconds): scheduler
+    delay, which grows when other processes compete for the cores.
+    """
+    waited = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
+
+
 class PostgresCpu:
     """CPU time (user + system) this machine's PostgreSQL processes used since `start()`.
 
@@ -198,6 +211,10 @@ class Server:
         """User and system CPU time the process has used so far."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def run_queue_seconds(self) -> float:
+        """Time the process's threads have spent runnable but waiting for a CPU."""
+        return run_queue_seconds(self.pid)
 
     def peak_rss_mb(self) -> float:
         """The process's peak resident memory so far (VmHWM)."""

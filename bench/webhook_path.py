@@ -55,6 +55,7 @@ from bench.testbed import (
     loadgen,
     noop_service,
     percentile,
+    run_queue_seconds,
     settle_commits,
     wait_drained,
 )
@@ -77,6 +78,9 @@ class Row:
     cpu_us_per_job: float | None = None  # the measured server process's own CPU time
     machine_busy: float | None = None  # % of all cores busy meanwhile
     rpc_buckets: Counter[float] | None = None  # the service's claim+ack RPC latency histogram
+    # ms per second of run spent waiting for a CPU: the service, and this process (the
+    # RPC gateway stand-in's thread).
+    run_queue: tuple[float, float] | None = None
     latencies: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -214,8 +218,13 @@ def paced(
             probe.run("truncate public.bench_acks")
             buckets_before = rpc_buckets(service.url)
             gateway.reset_counters()
+            waited = service.run_queue_seconds(), run_queue_seconds(os.getpid())
             result = loadgen({**spec, "count": count})
             wait_drained(probe, count)
+            run_queue = (
+                (service.run_queue_seconds() - waited[0]) / result["seconds"] * 1000,
+                (run_queue_seconds(os.getpid()) - waited[1]) / result["seconds"] * 1000,
+            )
             rpc_per_job, calls = _rpc_counts(gateway, count)
             buckets = Counter(rpc_buckets(service.url))
             buckets.subtract(buckets_before)
@@ -238,6 +247,7 @@ def paced(
         calls,
         rpc_buckets=buckets,
         latencies=latencies,
+        run_queue=run_queue,
     )
 
 
@@ -302,6 +312,12 @@ def print_table(title: str, rows: list[Row]) -> None:
         if row.rpc_buckets:
             p50, p99 = bucket_quantile(row.rpc_buckets, 0.5), bucket_quantile(row.rpc_buckets, 0.99)
             busy += f"; claim/ack RPC p50 <= {p50:g} ms, p99 <= {p99:g} ms"
+        if row.run_queue:
+            service_wait, gateway_wait = row.run_queue
+            busy += (
+                f"; waiting for a CPU, ms per s: service {service_wait:.0f}, "
+                f"gateway stand-in's process {gateway_wait:.0f}"
+            )
         print(f"  {row.name}: answers {answers}" + (f"; RPCs {rpcs}" if rpcs else "") + busy)  # noqa: T201
 
 
@@ -316,6 +332,7 @@ def pooled(name: str, rows: list[Row]) -> Row:
     answers: Counter[str] = sum((Counter(row.answers) for row in rows), Counter())
     rpcs: Counter[str] = sum((Counter(row.rpcs) for row in rows), Counter())
     buckets: Counter[float] = sum((row.rpc_buckets or Counter() for row in rows), Counter())
+    waits = [row.run_queue for row in rows if row.run_queue]
     jobs = sum(row.jobs for row in rows)
     return Row(
         name,
@@ -328,6 +345,11 @@ def pooled(name: str, rows: list[Row]) -> Row:
         answers,
         dict(rpcs),
         rpc_buckets=buckets,
+        run_queue=(
+            (sum(w[0] for w in waits) / len(waits), sum(w[1] for w in waits) / len(waits))
+            if waits
+            else None
+        ),
     )
 
 
