@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,9 +202,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # (a server or pool someone forgot to stop) would then keep the interpreter from
 # exiting, and CI would hang without a word. pytest-timeout covers each test and its
 # fixtures, not that last step: past this many seconds, every thread's stack is
-# printed and the process exits with status 1.
+# printed and the process exits with status 1. Only when this process is the pytest
+# command: a program that calls pytest.main() goes on with its own work afterwards.
 EXIT_WATCHDOG_SECONDS = 120
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    faulthandler.dump_traceback_later(EXIT_WATCHDOG_SECONDS, exit=True)
+    if Path(sys.argv[0]).name in ("pytest", "py.test", "__main__.py"):
+        faulthandler.dump_traceback_later(EXIT_WATCHDOG_SECONDS, exit=True)
