@@ -15,32 +15,17 @@ Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import secrets
-import subprocess
-import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from bench.testbed import loadgen
+from bench.testbed import Server, bare_process, loadgen
 from tests.support.postgres import bootstrap, fresh_database, server_url
-from tests.support.process import ROOT, ServiceProcess
+from tests.support.process import ServiceProcess
 from tests.support.rpc_gateway import running_gateway
-from tests.support.servers import bound_socket
 from tests.support.settings import settings_against
 from tests.support.smtp import running_smtp
-from tests.support.waiting import wait_until
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
 
 
 def burst(url: str, secret: str, ids: list[int], concurrency: int) -> tuple[float, Counter[str]]:
@@ -55,40 +40,6 @@ def burst(url: str, secret: str, ids: list[int], concurrency: int) -> tuple[floa
         }
     )
     return result["seconds"], Counter(result["statuses"])
-
-
-@contextlib.contextmanager
-def bare_process() -> Iterator[tuple[str, int]]:
-    with contextlib.closing(bound_socket()) as sock:
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.bare_app:app",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(ready, timeout=30, what="the bare app")
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> None:
@@ -110,16 +61,16 @@ def main() -> None:
                     [args.webhooks],
                 ).fetchall()
             ]
-        with bare_process() as (url, pid):
-            idle = peak_rss_mb(pid)
-            seconds, statuses = burst(url, "unused", ids, args.concurrency)
+        with bare_process() as bare:
+            idle = bare.peak_rss_mb()
+            seconds, statuses = burst(bare.url, "unused", ids, args.concurrency)
             rows.append(
                 (
                     "bare FastAPI endpoint",
                     len(ids),
                     seconds,
                     idle,
-                    peak_rss_mb(pid),
+                    bare.peak_rss_mb(),
                     ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
                 )
             )
@@ -133,8 +84,9 @@ def main() -> None:
             )
             service = ServiceProcess(settings, Path(tmp))
             service.start()
+            process = Server(service.url, service.pid)
             try:
-                idle = peak_rss_mb(service.pid)
+                idle = process.peak_rss_mb()
                 secret = settings.webhook_secret.get_secret_value()
                 seconds, statuses = burst(service.url, secret, ids, args.concurrency)
                 rows.append(
@@ -143,7 +95,7 @@ def main() -> None:
                         len(ids),
                         seconds,
                         idle,
-                        peak_rss_mb(service.pid),
+                        process.peak_rss_mb(),
                         ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
                     )
                 )
