@@ -39,20 +39,13 @@ from tests.support.pg_net import PgNetSender
 from tests.support.postgres import Database
 from tests.support.rpc_gateway import GatewayHandle
 from tests.support.scrape import sample
+from tests.support.settings import FAST_RETRIES
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, queue_rows
 
 QUEUE = "payments_queue"
 METRIC = "queue_worker_payment_events_total"
-# Retries and sweeps within a test's patience.
-FAST: dict[str, Any] = {
-    "sweep_interval_seconds": 0.3,
-    "retry_base_seconds": 1,
-    "retry_max_seconds": 1,
-    "visibility_timeout_seconds": 3,
-    "max_attempts": 10,
-}
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -366,7 +359,7 @@ def test_malformed_events_are_archived_naming_the_field(
 def test_rpc_failure_is_retried_then_applied_once(
     db: Database, start_service: ServiceFactory, gateway: GatewayHandle, sender: PgNetSender
 ) -> None:
-    start_service(queues=[QUEUE], **FAST)
+    start_service(queues=[QUEUE], **FAST_RETRIES)
     gateway.fail_functions("apply_payment_event")
     try:
         msg_id = send(db, event())
@@ -389,7 +382,7 @@ def test_rpc_failure_is_retried_then_applied_once(
 def test_missing_function_is_retried_with_a_message_naming_the_migration(
     db: Database, start_service: ServiceFactory, sender: PgNetSender
 ) -> None:
-    start_service(queues=[QUEUE], **{**FAST, "max_attempts": 1})
+    start_service(queues=[QUEUE], **{**FAST_RETRIES, "max_attempts": 1})
     with db.connect(role="qw_postgres") as conn:
         conn.execute(
             "alter function queue_worker.apply_payment_event(jsonb) rename to apply_payment_gone"

@@ -25,18 +25,14 @@ from tests.support.postgres import Database
 from tests.support.process import service_process
 from tests.support.rpc_gateway import GatewayHandle
 from tests.support.scrape import sample
+from tests.support.settings import FAST_RETRIES
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, queue_rows, webhook_body
 
-# Settings that make retries and sweeps happen within a test's patience.
-FAST: dict[str, Any] = {
-    "sweep_interval_seconds": 0.3,
-    "retry_base_seconds": 1,
-    "retry_max_seconds": 2,
-    "visibility_timeout_seconds": 3,
-    "max_attempts": 10,
-}
+# Settings that make retries and sweeps happen within a test's patience; retries
+# here back off up to 2 s.
+FAST: dict[str, Any] = {**FAST_RETRIES, "retry_max_seconds": 2}
 
 Figures = Callable[..., None]
 

@@ -37,6 +37,7 @@ from tests.conftest import Service, ServiceFactory
 from tests.support.pg_net import PgNetSender
 from tests.support.postgres import Database
 from tests.support.rpc_gateway import GatewayHandle
+from tests.support.settings import FAST_RETRIES
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, queue_rows
@@ -44,14 +45,6 @@ from tests.test_e2e import archived_rows, queue_rows
 QUEUE = "reports_queue"
 FUNCTION = "report_payments_summary"
 NOVEMBER = {"from": "2026-11-01", "to": "2026-12-01"}
-FAST: dict[str, Any] = {
-    "sweep_interval_seconds": 0.3,
-    "retry_base_seconds": 1,
-    "retry_max_seconds": 1,
-    "visibility_timeout_seconds": 3,
-    "max_attempts": 10,
-}
-
 
 # -- helpers ------------------------------------------------------------------------
 
@@ -368,7 +361,7 @@ def test_rpc_failure_is_retried_and_the_report_mailed_after_recovery(
     gateway: GatewayHandle,
 ) -> None:
     insert_payments(db, [payment("pi_1", "succeeded", "42.42", "EUR", "2026-11-05 10:00:00+00")])
-    start_service(**FAST)
+    start_service(**FAST_RETRIES)
     gateway.fail_functions(FUNCTION)  # 503 PGRST000 for the report only
     try:
         msg_id = enqueue(db, report_job())

@@ -9,6 +9,15 @@ from app.config import Settings
 from tests.support.rpc_gateway import RpcGateway
 from tests.support.smtp import SmtpServer
 
+# Settings that make retries and sweeps happen within a test's patience.
+FAST_RETRIES: dict[str, Any] = {
+    "sweep_interval_seconds": 0.3,
+    "retry_base_seconds": 1,
+    "retry_max_seconds": 1,
+    "visibility_timeout_seconds": 3,
+    "max_attempts": 10,
+}
+
 # Every variable the service reads; tests clear them so the developer's own
 # environment or .env cannot leak in.
 SERVICE_VARIABLES = (
