@@ -33,6 +33,7 @@ from bench.testbed import (
     bench_settings,
     empty_queue,
     enqueue,
+    middle,
     noop_service,
     settle_commits,
     wait_empty,
@@ -156,14 +157,12 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def rate(row: Row) -> float:
+    return row.jobs / row.seconds
+
+
 def _mid(rows: list[Row], field: str) -> float:
-    values = sorted(getattr(row, field) for row in rows)
-    return float(values[len(values) // 2])
-
-
-def median(rows: list[Row]) -> Row:
-    """The run with the median rate."""
-    return sorted(rows, key=lambda row: row.jobs / row.seconds)[len(rows) // 2]
+    return float(middle(getattr(row, field) for row in rows))
 
 
 def main() -> None:
@@ -202,13 +201,13 @@ def main() -> None:
     header = ("run", "jobs", "seconds", "jobs/s", "RPC/job", "xact/job", "CPU us/job")
     line = "{:<38}{:>8}{:>9}{:>9}{:>9}{:>10}{:>12}"
     print(line.format(*header))  # noqa: T201
-    raw, sweeper = median(raws), median(swept)
+    raw, sweeper = middle(raws, key=rate), middle(swept, key=rate)
     for row in (raw, sweeper):
         cells = (
             row.name,
             row.jobs,
             f"{row.seconds:.2f}",
-            f"{row.jobs / row.seconds:.0f}",
+            f"{rate(row):.0f}",
             _cell(row.rpc_per_job, ".3f"),
             f"{row.commits_per_job:.3f}",
             _cell(row.cpu_us_per_job, ".0f"),
@@ -217,9 +216,9 @@ def main() -> None:
     print(f"  RPCs: {sweeper.rpcs}")  # noqa: T201
     print(  # noqa: T201
         "  all runs, jobs/s: raw "
-        + ", ".join(f"{r.jobs / r.seconds:.0f}" for r in raws)
+        + ", ".join(f"{rate(r):.0f}" for r in raws)
         + "; sweeper "
-        + ", ".join(f"{r.jobs / r.seconds:.0f}" for r in swept)
+        + ", ".join(f"{rate(r):.0f}" for r in swept)
     )
     print(  # noqa: T201
         "  machine CPU busy (2 cores, all processes, this bench's and others'): raw "
@@ -234,9 +233,9 @@ def main() -> None:
         f"gateway stand-in) {_mid(swept, 'bench_us_per_job'):.0f}, PostgreSQL "
         f"{_mid(swept, 'postgres_us_per_job'):.0f}"
     )
-    ratios = [(s.jobs / s.seconds) / (r.jobs / r.seconds) for r, s in zip(raws, swept, strict=True)]
+    ratios = [rate(s) / rate(r) for r, s in zip(raws, swept, strict=True)]
     print(  # noqa: T201
-        f"sweeper vs raw pgmq loop: {sorted(ratios)[len(ratios) // 2]:.2f}x "
+        f"sweeper vs raw pgmq loop: {middle(ratios):.2f}x "
         f"(median of the back-to-back pairs: {', '.join(f'{x:.2f}' for x in ratios)})"
     )
 

@@ -25,10 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,6 +41,7 @@ from tests.support.settings import new_webhook_secret, settings_for
 from tests.support.waiting import wait_until
 
 QUEUE = "email_queue"
+T = TypeVar("T")
 STATS_DELAY_SECONDS = 11.0
 
 ACK_RECORDER_SQL = """
@@ -334,6 +335,12 @@ def wait_drained(probe: Probe, count: int, timeout: float = 600.0) -> None:
     acked = probe.value("select count(*) from public.bench_acks")
     if acked != count:
         raise RuntimeError(f"{acked} acks recorded for {count} messages")
+
+
+def middle(values: Iterable[T], key: Callable[[T], Any] | None = None) -> T:
+    """The middle one of the runs (of an even number, the upper middle), by `key`."""
+    ordered = sorted(values, key=key)  # type: ignore[arg-type, type-var]
+    return ordered[len(ordered) // 2]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -53,6 +53,7 @@ from bench.testbed import (
     enqueue,
     install_ack_recorder,
     loadgen,
+    middle,
     noop_service,
     percentile,
     run_queue_seconds,
@@ -323,7 +324,7 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 def median(rows: list[Row]) -> Row:
     """The run with the median rate."""
-    return sorted(rows, key=lambda row: row.rate)[len(rows) // 2]
+    return middle(rows, key=lambda row: row.rate)
 
 
 def pooled(name: str, rows: list[Row]) -> Row:
@@ -441,7 +442,7 @@ def bursts(db: Database, gateway: RpcGateway, args: argparse.Namespace) -> None:
         + ", ".join(f"{row.rate:.0f}" for row in coalesced)
     )
     print(  # noqa: T201
-        f"coalescing vs bare endpoint: {sorted(ratios)[len(ratios) // 2]:.2f}x "
+        f"coalescing vs bare endpoint: {middle(ratios):.2f}x "
         f"(median of the back-to-back pairs: {', '.join(f'{r:.2f}' for r in ratios)}); "
         f"vs one RPC per message: {median(coalesced).rate / floor.rate:.1f}x"
     )
