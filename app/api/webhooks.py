@@ -52,7 +52,7 @@ class WebhookPayload(BaseModel):
 
 
 def _invalid(queue: str, message: str) -> ApiError:
-    metrics.WEBHOOKS.labels(queue, "invalid").inc()
+    _counter(queue, "invalid").inc()
     return ApiError(422, "invalid_payload", message)
 
 
@@ -75,7 +75,7 @@ async def _check_auth(request: Request, queue: str) -> SignedWebhook | None:
         if signed is None:
             _bearer(request)  # raises: neither a bearer token nor a signature
     except ApiError:
-        metrics.WEBHOOKS.labels(_label(get_services(request), queue), "unauthorized").inc()
+        _counter(_label(get_services(request), queue), "unauthorized").inc()
         raise
     return signed
 
@@ -112,7 +112,7 @@ async def receive_webhook(request: Request) -> Response:
     if signed is None:
         return await _receive(queue, request, services)
     if not services.replays.first_seen(signed):
-        metrics.WEBHOOKS.labels(_label(services, queue), "duplicate").inc()
+        _counter(_label(services, queue), "duplicate").inc()
         return JSONResponse(
             {"status": "duplicate", "reason": "this webhook-id was seen before; ignored"}
         )
@@ -127,14 +127,14 @@ async def receive_webhook(request: Request) -> Response:
 async def _receive(queue: str, request: Request, services: Services) -> Response:
     """The event itself: checked, then its msg_id offered to the runner."""
     if queue not in services.runner.queues:
-        metrics.WEBHOOKS.labels(_label(services, queue), "unknown_queue").inc()
+        _counter(_label(services, queue), "unknown_queue").inc()
         raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")
     try:
         payload = WebhookPayload.model_validate_json(await request.body())
     except ValidationError as error:
         raise _invalid(queue, describe_invalid(error, root="body")) from None
     if payload.type != "INSERT":
-        metrics.WEBHOOKS.labels(queue, "ignored").inc()
+        _counter(queue, "ignored").inc()
         return JSONResponse({"status": "ignored", "reason": f"{payload.type} events are ignored"})
     expected = f"q_{queue}"
     if payload.schema_ != "pgmq" or payload.table != expected:
@@ -169,5 +169,9 @@ async def _receive(queue: str, request: Request, services: Services) -> Response
 
 @functools.cache
 def _counter(queue: str, result: str) -> Any:
-    """The webhook counter's child for a served queue (label lookups cost a lock)."""
+    """The webhook counter's child, looked up once (a label lookup costs a lock).
+
+    `queue` is a served queue or "unknown" (see `_label`): the path is caller-controlled,
+    and only a bounded set of names may become label values or cache entries.
+    """
     return metrics.WEBHOOKS.labels(queue, result)
