@@ -114,6 +114,12 @@ class MachineCpu:
         return (busy - self._start[0]) / max(1, total - self._start[1]) * 100
 
 
+def cpu_ticks(pid: int) -> int:
+    """User and system CPU time of process `pid` so far, in clock ticks (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def run_queue_seconds(pid: int) -> float:
     """Time the threads of `pid` have spent runnable but waiting for a CPU, so far.
 
@@ -128,7 +134,7 @@ def run_queue_seconds(pid: int) -> float:
 
 
 class PostgresCpu:
-    """CPU time (user + system) this machine's PostgreSQL processes used since `start()`.
+    """CPU time (user + system) this machine's PostgreSQL processes used since it was made.
 
     Read per process from /proc, which lists only live ones: a backend that exits
     meanwhile takes its time with it, so the figure is a lower bound (the measured
@@ -145,13 +151,9 @@ class PostgresCpu:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            try:
-                if (entry / "comm").read_text().strip() != "postgres":
-                    continue
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
-            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+                if (entry / "comm").read_text().strip() == "postgres":
+                    ticks[int(entry.name)] = cpu_ticks(int(entry.name))
         return ticks
 
     def seconds(self) -> float:
@@ -210,8 +212,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the process has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_ticks(self.pid) / os.sysconf("SC_CLK_TCK")
 
     def run_queue_seconds(self) -> float:
         """Time the process's threads have spent runnable but waiting for a CPU."""
