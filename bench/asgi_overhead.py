@@ -13,7 +13,6 @@ framework's own cost, which the bare endpoint (bench/bare_app.py) also pays.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from app.api.signatures import ReplayCache
 from app.main import create_app
 from app.worker import Offer
 from bench.bare_app import app as bare_app
+from bench.loadgen import webhook_body
 from tests.support.settings import new_webhook_secret, settings_for
 
 QUEUE = "email_queue"
@@ -47,20 +47,8 @@ class Services:
 
 
 def webhook(secret: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = json.dumps(
-        {
-            "type": "INSERT",
-            "table": f"q_{QUEUE}",
-            "schema": "pgmq",
-            "record": {
-                "msg_id": 1,
-                "read_ct": 0,
-                "vt": "2026-11-28T00:00:00+00:00",
-                "enqueued_at": "2026-11-28T00:00:00+00:00",
-            },
-            "old_record": None,
-        }
-    ).encode()
+    """The headers and body of a webhook, as the throughput benches' load generator sends it."""
+    body = webhook_body(QUEUE, 1)
     headers = [
         (b"host", b"127.0.0.1"),
         (b"content-type", b"application/json"),
