@@ -19,7 +19,17 @@ class JobError(Exception):
 
 
 class RetryableError(JobError):
-    """The job failed for a reason that may pass: try again later."""
+    """The job failed for a reason that may pass: try again later.
+
+    `after` asks for the next attempt in that many seconds (a server's Retry-After,
+    an SMTP 421) instead of the backoff; the runner caps it at RETRY_MAX_SECONDS.
+    """
+
+    def __init__(self, message: str = "", *, after: float | None = None) -> None:
+        super().__init__(message)
+        if after is not None and not after >= 0:  # also refuses NaN
+            raise ValueError("RetryableError(after=...) must be zero or more seconds")
+        self.after = after
 
 
 class PermanentError(JobError):

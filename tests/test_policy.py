@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from app.errors import RetryableError
 from app.worker.policy import RetryPolicy
 
 
@@ -33,3 +36,19 @@ def test_delay_is_at_least_a_second() -> None:
 def test_attempts_are_bounded() -> None:
     policy = RetryPolicy(max_attempts=3, base_delay=1, max_delay=1)
     assert [policy.exhausted(n) for n in (1, 2, 3, 4)] == [False, False, True, True]
+
+
+def test_a_requested_delay_replaces_the_backoff_and_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=5, base_delay=5, max_delay=600, random=lambda: 1.0)
+    assert policy.delay(1, requested=120) == 120
+    assert policy.delay(1, requested=0) == 1  # pgmq's vt is whole seconds, at least one
+    assert policy.delay(4, requested=86_400 * 30) == 600
+    assert policy.delay(4, requested=float("inf")) == 600
+
+
+def test_a_retryable_error_refuses_a_negative_or_nan_delay() -> None:
+    assert RetryableError("busy", after=2.5).after == 2.5
+    assert RetryableError("busy").after is None
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="zero or more seconds"):
+            RetryableError("busy", after=bad)

@@ -26,7 +26,13 @@ class RetryPolicy:
         """True when `attempt` was the last one allowed."""
         return attempt >= self.max_attempts
 
-    def delay(self, attempt: int) -> int:
-        """Seconds before the next attempt (pgmq's visibility timeouts are whole seconds)."""
+    def delay(self, attempt: int, requested: float | None = None) -> int:
+        """Seconds before the next attempt (pgmq's visibility timeouts are whole seconds).
+
+        `requested` (a processor's `RetryableError(after=...)`) replaces the backoff,
+        capped at `max_delay` so that a hostile Retry-After cannot park a job for days.
+        """
+        if requested is not None:
+            return max(1, round(min(requested, self.max_delay)))
         ceiling = min(self.max_delay, self.base_delay * 2.0 ** max(attempt - 1, 0))
         return max(1, round(ceiling / 2 + self.random() * ceiling / 2))

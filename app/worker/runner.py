@@ -244,7 +244,9 @@ class Runner:
         retry = self._config.retry
         if retry.exhausted(message.read_ct):
             return await self._archive(queue, message, error, context)
-        delay = retry.delay(message.read_ct)
+        delay = retry.delay(
+            message.read_ct, error.after if isinstance(error, RetryableError) else None
+        )
         log.warning(
             "job failed; will retry",
             extra={**context, "error": _describe(error), "retry_in_s": delay},
