@@ -14,6 +14,7 @@ import html
 import io
 import json
 import re
+import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
 from email.message import EmailMessage
@@ -322,6 +323,22 @@ def test_bad_report_jobs_are_archived_with_their_error_and_never_queried(
     assert queue_rows(db, QUEUE) == []
     # Refused before any RPC: the database was never asked.
     assert gateway.call_count(FUNCTION, "queue_worker") == calls_before
+
+
+def test_manual_api_refuses_bad_report_params_at_enqueue(
+    db: Database, start_service: ServiceFactory
+) -> None:
+    token = secrets.token_urlsafe(24)
+    service = start_service(register=False, queues=[QUEUE], api_token=token)
+    response = httpx.post(
+        f"{service.url}/queues/{QUEUE}/messages",
+        json=report_job({"from": "2026-12-01", "to": "2026-11-01"}),
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_message"
+    assert "to must be after from" in response.json()["message"]
+    assert queue_rows(db, QUEUE) == []
 
 
 def test_a_report_the_function_refuses_is_archived_with_its_reason(

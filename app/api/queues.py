@@ -10,11 +10,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
-from app.errors import describe_invalid
+from app.errors import PermanentError
 
 router = APIRouter(
     prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
@@ -58,12 +57,12 @@ async def enqueue(
     message: Annotated[dict[str, Any], Body()],
     delay_seconds: Annotated[int, Query(ge=0, le=86_400 * 7)] = 0,
 ) -> dict[str, Any]:
-    """Validates a job against its queue's message model and enqueues it."""
+    """Validates a job as its processor does and enqueues it."""
     _served(services, queue)
     try:
-        services.processors[queue].model.model_validate(message)
-    except ValidationError as error:
-        raise ApiError(422, "invalid_message", describe_invalid(error)) from None
+        services.processors[queue].validate(message)
+    except PermanentError as error:
+        raise ApiError(422, "invalid_message", str(error)) from None
     problem = _unstorable(message)
     if problem is not None:
         # The database would refuse it; say so here rather than as an RPC failure.

@@ -2,12 +2,14 @@
 
 A processor takes a claimed message and either returns (done: ack it) or raises
 `RetryableError` / `PermanentError`. It never touches metrics, routes or acks.
+`validate()` checks a job body as far as it can without running it; the manual API
+calls it at enqueue, so a job that could never succeed is refused there (422).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -20,6 +22,10 @@ class Processor(Protocol):
 
     @property
     def model(self) -> type[BaseModel]: ...
+
+    def validate(self, body: Any) -> None:
+        """Raises PermanentError, naming the field, when `body` can never be processed."""
+        ...
 
     async def __call__(self, message: QueueMessage) -> None: ...
 
@@ -35,8 +41,13 @@ def parse_job(model: type[M], message: QueueMessage) -> M:
     A message that does not fit will never fit: the error is permanent and names
     each bad field (never its value, which may be personal data).
     """
+    return parse_body(model, message.message)
+
+
+def parse_body(model: type[M], body: Any) -> M:
+    """`parse_job` for a bare job body (the manual API checks one before enqueueing)."""
     try:
-        return model.model_validate(message.message)
+        return model.model_validate(body)
     except ValidationError as error:
         raise PermanentError(
             f"invalid {model.__name__} message: {describe_invalid(error)}"

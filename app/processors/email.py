@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from app.mail import Address, Attachment, Mail, Mailer
-from app.processors import parse_job
+from app.processors import parse_body, parse_job
 from app.queue.models import QueueMessage
 
 MAX_RECIPIENTS = 50
@@ -189,6 +189,9 @@ class EmailProcessor:
 
     def __init__(self, mailer: Mailer) -> None:
         self._mailer = mailer
+
+    def validate(self, body: Any) -> None:
+        parse_body(self.model, body)
 
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)

@@ -40,7 +40,7 @@ from pydantic import (
 # whether an event was applied, a duplicate or stale.
 from app import metrics
 from app.errors import PermanentError, RetryableError
-from app.processors import parse_job
+from app.processors import parse_body, parse_job
 from app.queue.backend import RpcCaller
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
@@ -238,6 +238,9 @@ class PaymentsProcessor:
 
     def __init__(self, rpc: RpcCaller) -> None:
         self._rpc = rpc
+
+    def validate(self, body: Any) -> None:
+        parse_body(self.model, body)
 
     async def __call__(self, message: QueueMessage) -> None:
         event = parse_job(self.model, message)

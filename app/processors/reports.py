@@ -43,7 +43,7 @@ from pydantic import (
 
 from app.errors import JobError, PermanentError, RetryableError, describe_invalid
 from app.mail import LOCALES, Attachment, Mail, Mailer
-from app.processors import parse_job
+from app.processors import parse_body, parse_job
 from app.processors.email import EmailAddress
 from app.queue.backend import RpcCaller
 from app.queue.models import QueueMessage
@@ -334,6 +334,17 @@ def rpc_failure(function: str, error: RpcError) -> JobError:
     return RetryableError(str(error))
 
 
+def _params(job: ReportJob) -> BaseModel:
+    """The job's params, checked by its report type; PermanentError names the field."""
+    kind = REPORTS[job.report]  # the model accepts known types only
+    try:
+        params: BaseModel = kind.params.model_validate(job.params)
+        return params
+    except ValidationError as error:
+        problems = describe_invalid(error, root="params", within="params")
+        raise PermanentError(f"invalid {job.report} params: {problems}") from None
+
+
 class ReportsProcessor:
     """Fetches the report a message names, renders it and mails it with its CSV."""
 
@@ -346,14 +357,13 @@ class ReportsProcessor:
         self._mailer = mailer
         self._max_rows_shown = max_rows_shown
 
+    def validate(self, body: Any) -> None:
+        _params(parse_body(self.model, body))
+
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)
         kind = REPORTS[job.report]  # the model accepts known types only
-        try:
-            params = kind.params.model_validate(job.params)
-        except ValidationError as error:
-            problems = describe_invalid(error, root="params", within="params")
-            raise PermanentError(f"invalid {job.report} params: {problems}") from None
+        params = _params(job)
         function = f"report_{job.report}"
         arguments = params.model_dump(mode="json", by_alias=True, exclude_none=True)
         try:
