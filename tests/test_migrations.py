@@ -55,6 +55,27 @@ def test_migrations_apply_twice_without_change(db: Database) -> None:
     assert queues == [("email_queue",), ("payments_queue",), ("reports_queue",)]
 
 
+# From this file on, every migration records itself in queue_worker.migrations.
+LEDGER = "20261130000000_migration_ledger"
+
+
+def test_every_migration_records_itself_in_the_ledger(db: Database) -> None:
+    for path in migration_files():
+        if path.stem > LEDGER:
+            call = f"select queue_worker.record_migration('{path.stem}');"
+            assert call in path.read_text(), f"{path.name} does not end with {call}"
+    with db.connect(role="service_role") as conn:
+        rows = conn.execute("select * from queue_worker.applied_migrations()").fetchall()
+    applied = [row[0] for row in rows]
+    assert applied == [path.stem for path in migration_files()]
+
+
+def test_only_the_owner_records_migrations(db: Database) -> None:
+    for role in ("anon", "authenticated", "service_role"):
+        with db.connect(role=role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select queue_worker.record_migration('20991231000000_forged')")
+
+
 def test_migrations_call_only_pgmq_151_functions() -> None:
     called: set[str] = set()
     for path in migration_files():
