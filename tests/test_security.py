@@ -675,7 +675,7 @@ def test_manual_api_refuses_unknown_fields(db: Database, start_service: ServiceF
     assert response.status_code == 422
     assert response.json() == {
         "error": "invalid_message",
-        "message": "priority: Extra inputs are not permitted",
+        "message": "invalid EmailJob message: priority: Extra inputs are not permitted",
     }
     assert queue_rows(db) == []
 
@@ -703,6 +703,7 @@ def test_email_attachment_count_and_total_are_capped(
         answers[name] = (response.status_code, response.json().get("message", ""))
     assert answers["count"] == (
         422,
+        "invalid EmailJob message: "
         f"attachments: List should have at most {MAX_ATTACHMENTS} items after validation, "
         f"not {MAX_ATTACHMENTS + 1}",
     )

@@ -13,6 +13,9 @@ create table if not exists queue_worker.migrations (
 );
 comment on table queue_worker.migrations is
   'queue-worker migrations applied to this database. Written by the migrations; readable by service_role.';
+-- Row level security without policies: only the owner and service_role (BYPASSRLS)
+-- see rows, whatever grants a later migration adds.
+alter table queue_worker.migrations enable row level security;
 revoke all on queue_worker.migrations from public, anon, authenticated;
 grant select on queue_worker.migrations to service_role;
 
