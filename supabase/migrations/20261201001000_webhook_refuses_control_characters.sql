@@ -134,3 +134,5 @@ comment on function queue_worker.notify_webhook() is
 
 -- Called by its triggers only.
 revoke all on function queue_worker.notify_webhook() from public, anon, authenticated;
+
+select queue_worker.record_migration('20261201001000_webhook_refuses_control_characters');

@@ -203,3 +203,5 @@ comment on function queue_worker.apply_payment_event(jsonb) is
 
 revoke all on function queue_worker.apply_payment_event(jsonb) from public, anon, authenticated;
 grant execute on function queue_worker.apply_payment_event(jsonb) to service_role;
+
+select queue_worker.record_migration('20261201001100_refunds_only_as_paid');
