@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-import uvicorn
-
-from app.config import ConfigError, Settings, load_settings
+from app.config import ConfigError, load_settings
 from app.local import EmbeddedDatabase, LocalModeError
 from app.logs import configure
-from app.main import create_app, served_queues
-
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def prepare_multiprocess_metrics() -> Path:
-    """An empty directory for prometheus-client's multiprocess mode.
-
-    Files left by an earlier run would add old counts to the new ones, so the
-    directory is emptied at every start (PROMETHEUS_MULTIPROC_DIR, or a fresh
-    temporary directory).
-    """
-    configured = os.environ.get(MULTIPROC_VARIABLE)
-    path = (
-        Path(configured) if configured else Path(tempfile.mkdtemp(prefix="queue-worker-metrics-"))
-    )
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    os.environ[MULTIPROC_VARIABLE] = str(path)
-    return path
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def server_options() -> dict[str, str | bool]:
-    """uvloop and httptools (from `uvicorn[standard]`) when installed; the pure-Python
-    asyncio loop and h11 otherwise. No access log: a line per webhook costs more than
-    the webhook itself at volume, and the metrics count every request."""
-    return {
-        "loop": "uvloop" if _available("uvloop") else "asyncio",
-        "http": "httptools" if _available("httptools") else "h11",
-        "access_log": False,
-    }
-
-
-def serve(settings: Settings) -> None:
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": None,
-        "proxy_headers": True,
-        "timeout_graceful_shutdown": 30,
-        **server_options(),
-    }
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
-        return
-    prepare_multiprocess_metrics()
-    # Worker processes import the app by name, each reading the same settings.
-    uvicorn.run("app.main:app", workers=settings.workers, **common)  # type: ignore[arg-type]
+from app.main import served_queues
+from app.server import serve
 
 
 def main() -> None:

@@ -177,6 +177,18 @@ class Settings(BaseSettings):
     # uvicorn worker processes started by `queue-worker`; each runs its own runner
     # and sweeper (they share the queues like replicas do).
     workers: int = Field(1, ge=1, le=64)
+    # HTTP limits (app/server.py), per connection unless said: the request line and
+    # headers at most HTTP_MAX_HEADER_BYTES in HTTP_MAX_HEADERS fields (431 beyond);
+    # headers complete within HTTP_HEADER_TIMEOUT_SECONDS of the connection or the
+    # request's first byte, the body within HTTP_BODY_TIMEOUT_SECONDS after them (408
+    # and closed); an idle keep-alive connection closed after HTTP_KEEPALIVE_SECONDS;
+    # at most HTTP_MAX_CONNECTIONS open per process (503 and closed beyond).
+    http_max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    http_max_headers: int = Field(100, ge=10, le=10_000)
+    http_header_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    http_body_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    http_keepalive_seconds: int = Field(5, ge=1, le=3600)
+    http_max_connections: int = Field(1000, ge=1, le=1_000_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

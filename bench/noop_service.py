@@ -3,7 +3,7 @@
 For throughput benchmarks only: what is measured is the path from webhook (or sweep)
 to ack, not SMTP. The product has no such processor; this module swaps the
 email_queue entry of `app.main.PROCESSORS` in its own process before the app is
-built, then serves through `app.cli.serve` exactly as the console script does
+built, then serves through `app.server.serve` exactly as the console script does
 (same event loop, HTTP parser and settings).
 
     python -m bench.noop_service   # settings from the environment, as queue-worker
@@ -23,10 +23,10 @@ import time
 from pydantic import BaseModel
 
 from app import main as service
-from app.cli import serve
 from app.config import load_settings
 from app.logs import configure
 from app.queue.models import QueueMessage
+from app.server import serve
 
 
 class NoopProcessor:

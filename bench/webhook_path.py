@@ -12,7 +12,7 @@ Both services run with MAX_CONCURRENCY=1000 and SWEEP_BATCH_SIZE=500 (--max-conc
 --batch), other settings at their defaults: webhooks beyond the free slots are answered
 "deferred", and the sweeper, woken by the deferral, reads those messages in batches.
 
-The service runs as `queue-worker` does (app.cli.serve: uvloop, httptools) with a
+The service runs as `queue-worker` does (app.server.serve: uvloop, httptools) with a
 no-op processor (bench/noop_service.py), against the RPC gateway and PostgreSQL.
 Reported per run: jobs/s until the last ack, p50/p99 webhook->ack latency, RPC calls
 and database transactions per job. Then the enqueue->ack latency when messages

@@ -11,6 +11,7 @@ The service here serves payments_queue only, so the receipt job stays in
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import threading
 from collections.abc import Iterator
@@ -254,6 +255,122 @@ def test_payment_moves_pending_succeeded_refunded_with_one_receipt(
         "evt_b": ("applied", 0),
         "evt_c": ("applied", 0),
     }
+
+
+def test_a_partial_refund_applies_in_the_payments_currency_and_to_its_address(
+    db: Database, payments_service: Service, sender: PgNetSender
+) -> None:
+    apply(
+        db, event(event_id="evt_paid"), event(event_id="evt_refund", status="refunded", amount="5")
+    )
+    [refunded] = payments(db)
+    assert (refunded["status"], refunded["amount"]) == ("refunded", Decimal("5"))
+    assert (refunded["currency"], refunded["customer_email"]) == ("EUR", "anna@example.com")
+    assert archived_rows(db, QUEUE) == []
+
+
+REFUSED_REFUNDS = {
+    "currency": (
+        {"currency": "USD"},
+        "refunded event refused: it changes the payment's currency from EUR to USD",
+    ),
+    "address": (
+        {"customer_email": "mallory@example.com"},
+        "refunded event refused: it changes the payment's customer_email",
+    ),
+    "address-case": (
+        {"customer_email": "Anna@example.com"},
+        "refunded event refused: it changes the payment's customer_email",
+    ),
+    "amount": (
+        {"amount": "12.51"},
+        "refunded event refused: its amount 12.51 is more than the 12.5 EUR captured",
+    ),
+}
+
+
+def refused_refunds(db: Database) -> dict[str, tuple[str, str]]:
+    """event_id -> (error type, message) of every archived payment event."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            "select message ->> 'event_id', headers -> 'queue_worker_error'"
+            " from pgmq.a_payments_queue"
+        ).fetchall()
+    return {event_id: (error["type"], error["message"]) for event_id, error in rows}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_REFUNDS))
+def test_a_refund_that_changes_currency_or_address_or_gives_back_more_is_refused(
+    db: Database, payments_service: Service, sender: PgNetSender, case: str
+) -> None:
+    changes, reason = REFUSED_REFUNDS[case]
+    apply(db, event(event_id="evt_paid"))
+    [paid] = payments(db)
+    apply(db, event(event_id="evt_refund", status="refunded", **changes))
+
+    assert payments(db) == [paid]  # the row is unchanged
+    assert events(db) == {"evt_paid": ("applied", 0)}  # the refused event is not on record
+    [(error_type, message)] = refused_refunds(db).values()
+    assert error_type == "PermanentError"
+    assert reason in message
+    assert "mallory" not in message and "anna" not in message.lower()  # no address in logs
+    assert len(receipts(db)) == 1
+
+
+def test_a_refund_after_a_refund_is_checked_against_what_was_captured(
+    db: Database, payments_service: Service, sender: PgNetSender
+) -> None:
+    # payments.amount holds the first refund's 5 by now; the captured 12.50 still rules.
+    apply(
+        db,
+        event(event_id="evt_paid"),
+        event(event_id="evt_r1", status="refunded", amount="5.00"),
+        event(event_id="evt_r2", status="refunded", amount="12.50"),
+        event(event_id="evt_r3", status="refunded", amount="12.51"),
+    )
+    assert events(db) == {
+        "evt_paid": ("applied", 0),
+        "evt_r1": ("applied", 0),
+        "evt_r2": ("stale", 0),
+    }
+    assert refused_refunds(db)["evt_r3"][1].endswith(
+        "its amount 12.51 is more than the 12.5 EUR captured"
+    )
+    [refunded] = payments(db)
+    assert (refunded["status"], refunded["amount"]) == ("refunded", Decimal("5.00"))
+
+
+def test_racing_refunds_apply_only_the_one_that_gives_back_what_was_paid(
+    db: Database, payments_service: Service, sender: PgNetSender
+) -> None:
+    refunds = {case: changes for case, (changes, _) in REFUSED_REFUNDS.items()}
+    refunds |= {"big": {"amount": "1000.00"}, "good": {"amount": "12.50"}}
+    for payment in ("pi_a", "pi_b", "pi_c"):  # three rounds, each in another order
+        apply(db, event(event_id=f"{payment}_paid", payment_id=payment))
+        racing = [
+            event(event_id=f"{payment}_{name}", payment_id=payment, status="refunded", **changes)
+            for name, changes in refunds.items()
+        ]
+        random.shuffle(racing)
+        # One transaction: the webhooks arrive together and the jobs run concurrently.
+        with db.connect(role="qw_postgres") as conn:
+            conn.execute(
+                "select pgmq.send_batch('payments_queue', %s::jsonb[])",
+                [[Jsonb(item) for item in racing]],
+            )
+        processed(db)
+
+        [refunded] = [p for p in payments(db) if p["payment_id"] == payment]
+        assert (refunded["status"], refunded["amount"]) == ("refunded", Decimal("12.50"))
+        assert (refunded["currency"], refunded["customer_email"]) == ("EUR", "anna@example.com")
+        recorded = {e: result for e, (result, _) in events(db).items() if e.startswith(payment)}
+        assert recorded == {f"{payment}_paid": "applied", f"{payment}_good": "applied"}
+    refused = refused_refunds(db)
+    assert set(refused) == {
+        f"{payment}_{name}" for payment in ("pi_a", "pi_b", "pi_c") for name in refunds
+    } - {"pi_a_good", "pi_b_good", "pi_c_good"}
+    assert {error_type for error_type, _ in refused.values()} == {"PermanentError"}
+    assert len(receipts(db)) == 3
 
 
 def test_canceled_payment_cannot_succeed_later(

@@ -3,15 +3,19 @@
 An ASGI middleware in front of routing, so that nothing, authentication included,
 reads an oversized body: a declared Content-Length above the cap is refused before
 a byte is read, and a streamed (chunked) body is counted as it arrives and refused
-as soon as it passes the cap. Bodies within the cap are handed on unchanged.
+as soon as it passes the cap. Bodies within the cap are handed on unchanged. A
+client that disconnects before its body is complete is one line at info, and the
+route is never called.
 
-A body without a Content-Type is taken as JSON, as FastAPI does; pg_net always sends
-`Content-Type: application/json`.
+A body without a Content-Type is taken as JSON, as FastAPI does; the webhook trigger
+always sends `Content-Type: application/json` (pg_net sends curl's form type
+only when a caller passes `headers => null`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +24,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
+
+log = logging.getLogger(__name__)
 
 # The one route that takes a large body: a job posted to the manual API.
 ENQUEUE_PATH = re.compile(r"^/queues/[^/]+/messages/?$")
@@ -87,9 +93,15 @@ class BodyLimits:
         size = 0
         while True:
             message = await receive()
-            received.append(message)
             if message["type"] != "http.request":
-                break  # the client went away; the app learns it from this message
+                # The client went away (or the server's body deadline closed it): there
+                # is no one to answer, and it is the client's doing, not an error.
+                log.info(
+                    "client disconnected before its request body was complete",
+                    extra={"method": scope["method"], "path": scope["path"], "received": size},
+                )
+                return
+            received.append(message)
             size += len(message.get("body", b""))
             if size > cap:
                 await _too_large(send, cap)

@@ -1,28 +1,40 @@
 """A stand-in for pg_net's background worker (the "sender") for the test bed.
 
-`tests/support/sql/30_pg_net.sql` provides pg_net's SQL interface: `net.http_post`
-inserts a row into `net.http_request_queue` and NOTIFYs `pg_net_wake`. This module
-plays the C background worker of supabase/pg_net, keeping the properties the
-service has to survive in production:
+`tests/support/sql/30_pg_net.sql` provides pg_net 0.20's SQL interface: `net.http_post`
+(and `http_get`, `http_delete`) inserts a row into `net.http_request_queue` and calls
+`net.wake()`, a NOTIFY on `pg_net_wake` that PostgreSQL delivers only when the
+inserting transaction commits. This module plays the C background worker of
+supabase/pg_net, keeping what the service has to survive in production, as measured
+against a real pg_net 0.20 build (../shared/SUPABASE-FACTS.md):
 
-* Requests leave only after the inserting transaction commits. PostgreSQL
-  delivers a NOTIFY only on commit, and uncommitted rows are invisible to the
-  sender's DELETE, so a rolled-back `net.http_post` is never sent.
-* Each pass takes up to `batch_size` rows (pg_net's `pg_net.batch_size`, 200),
-  **deleting them before sending**, sends them concurrently, waits for the whole
-  batch, records one `net._http_response` row per request, and loops while
-  passes find work (as pg_net's worker loops while `requests_consumed > 0`).
-* There are no retries, ever: a connection error or timeout is recorded and
-  the request is gone. With `drop_rate` the sender also loses requests outright,
-  as pg_net does when a crash empties its unlogged tables mid-batch. Delivery is
-  therefore at most once.
+* Requests leave only after the inserting transaction commits: uncommitted rows are
+  invisible to the sender's DELETE, and a rolled-back `net.http_post` is never sent.
+* Each pass takes up to `batch_size` rows (`pg_net.batch_size`, 200), **deleting them
+  before sending**, sends them concurrently, waits for the whole batch and records
+  one `net._http_response` row per request. **Between passes the worker waits on its
+  latch for up to a second** (`pause`): a commit that called `net.wake()` sets the
+  latch and ends the wait at once, and any number of commits during a pass set it
+  once. A burst committed in one transaction therefore goes out in passes of 200
+  about a second apart, as real pg_net delivers 2,000 rows in about 10 s.
+* There are no retries, ever: a connection error or timeout is recorded and the
+  request is gone. With `drop_rate` the sender also loses requests outright, as pg_net
+  does when a crash empties its unlogged tables mid-batch. Delivery is at most once.
+* The wire is curl's (tests/support/curl.py): header lines as pg_net builds them,
+  **CR and LF inside a value sent as is**, curl's form Content-Type when the row's
+  headers are null, redirects followed as curl does. A timeout of 0 or less is sent
+  anyway, with no time limit (libcurl reads 0 as "none", and pg_net 0.20 refuses
+  nothing). Receiver down: `status_code` null, `timed_out` false, `error_msg`
+  "Couldn't connect to server"; too slow: `timed_out` true and "Timeout of N ms
+  reached. Total time: ...".
 
 Deliberate differences from pg_net: the DELETE commits on its own before sending
-(pg_net commits it together with the batch's responses), so other sessions see
-the queue empty while a batch is in flight and a sender that dies mid-batch loses
-what it took, which is the at-most-once behaviour the service must tolerate
-anyway; old `net._http_response` rows are never expired (pg_net's `pg_net.ttl`),
-since tests read them; and a timeout's message lacks pg_net's per-phase timings.
+(pg_net 0.19 and 0.20 commit it together with the batch's responses), so other
+sessions see the queue empty while a batch is in flight and a sender that dies
+mid-batch loses what it took, which is the at-most-once behaviour the service must
+tolerate anyway; old `net._http_response` rows are never expired (pg_net's
+`pg_net.ttl`), since tests read them; a timeout's message lacks pg_net's per-phase
+timings; `net.worker_restart()` is a NOTIFY too, so it acts at commit and the sender
+only counts it and starts a pass (the real worker restarts its process).
 
 Use `running_sender(db)` as a context manager; `PgNetSender.wait_idle()` blocks
 until everything committed so far has been taken and its outcome recorded.
@@ -38,23 +50,25 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
-import httpx
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from tests.support import curl
 from tests.support.postgres import Database
 
 WAKE_CHANNEL = "pg_net_wake"
+RESTART_PAYLOAD = "restart"
+# How the worker's sessions show in pg_stat_activity; net.check_worker_is_up() looks for it.
+APPLICATION_NAME = "pg_net worker"
 DEFAULT_BATCH_SIZE = 200
+# pg_net's worker waits on its latch this long between passes (WaitLatch, 1000 ms).
+DEFAULT_PAUSE = 1.0
 # pg_net sends `User-Agent: pg_net/<version>`; receivers should not depend on the
 # exact version, only on the prefix.
-USER_AGENT = "pg_net/0.19.5"
-# The methods pg_net's worker accepts; anything else never reaches the network.
-SUPPORTED_METHODS = frozenset({"GET", "POST", "DELETE"})
+USER_AGENT = "pg_net/0.20.0"
 
 # pg_net hands curl the headers as "Name: value" lines built by this very
 # expression, so non-string jsonb values and nulls behave as they do there
@@ -67,7 +81,7 @@ where id in (
     limit %s
     for update skip locked
 )
-returning id, method, url, timeout_milliseconds,
+returning id, method::text, url, timeout_milliseconds,
           array(select key || ': ' || value from jsonb_each_text(headers)),
           body
 """
@@ -114,61 +128,13 @@ class SenderStats:
     timed_out: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     batches: tuple[int, ...] = ()
+    # time.monotonic() at the start of each non-empty pass, in order.
+    pass_starts: tuple[float, ...] = ()
+    restarts: int = 0
 
     @property
     def taken(self) -> int:
         return sum(self.batches)
-
-
-def _crlf_rejection(line: str) -> str | None:
-    # libcurl ends every header with CRLF, so a CR or LF inside one could smuggle
-    # extra headers or a body; pg_net refuses to send such a request and names
-    # only the header, because the value may hold credentials.
-    cut = min((i for i in (line.find("\r"), line.find("\n")) if i >= 0), default=None)
-    if cut is None:
-        return None
-    name = line[:cut].partition(":")[0]
-    return f'header "{name}" contains a carriage return or line feed'
-
-
-def _request_headers(lines: Sequence[str | None]) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines:
-        if line is None:
-            continue
-        name, _, value = line.partition(":")
-        value = value.strip(" \t")
-        if not value:
-            # curl treats "Name:" with nothing after it as "do not send Name".
-            continue
-        # Raw bytes: curl puts the UTF-8 text on the wire, httpx would insist on ASCII.
-        headers.append((name.encode(), value.encode()))
-    if not any(name.lower() == b"user-agent" for name, _ in headers):
-        headers.append((b"User-Agent", USER_AGENT.encode()))
-    return headers
-
-
-def _curl_error_message(exc: Exception) -> str:
-    """The curl_easy_strerror() text pg_net would record for an httpx failure."""
-    text = str(exc)
-    if isinstance(exc, httpx.ConnectError):
-        resolution_failures = ("Name or service not known", "name resolution", "nodename")
-        if any(marker in text for marker in resolution_failures):
-            return "Couldn't resolve host name"
-        return "Couldn't connect to server"
-    if isinstance(exc, httpx.RemoteProtocolError) and "without sending" in text:
-        return "Server returned nothing (no headers, no data)"
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
-        return "Failure when receiving data from the peer"
-    if isinstance(exc, httpx.WriteError):
-        return "Failed sending data to the peer"
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return "Unsupported protocol"
-    if isinstance(exc, httpx.TooManyRedirects):
-        return "Number of redirects hit maximum amount"
-    if isinstance(exc, httpx.InvalidURL):
-        return "URL using bad/illegal format or missing URL"
-    return text or type(exc).__name__
 
 
 def _response_content(raw: bytes) -> str | None:
@@ -178,6 +144,16 @@ def _response_content(raw: bytes) -> str | None:
     if not raw:
         return None
     return raw.decode("utf-8", errors="replace")
+
+
+def _wire_body(request: QueuedRequest) -> bytes | None:
+    # A POST always sets CURLOPT_POSTFIELDS (empty for a null body); GET never does,
+    # DELETE only with a body.
+    if request.method == "POST":
+        return request.body or b""
+    if request.method == "DELETE":
+        return request.body
+    return None
 
 
 class PgNetSender:
@@ -190,18 +166,18 @@ class PgNetSender:
         batch_size: int = DEFAULT_BATCH_SIZE,
         drop_rate: float = 0.0,
         seed: int | None = None,
-        poll_interval: float = 0.05,
+        pause: float = DEFAULT_PAUSE,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError("drop_rate must be between 0 and 1")
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+        if pause <= 0:
+            raise ValueError("pause must be positive")
         self.db = db
         self.batch_size = batch_size
         self.drop_rate = drop_rate
-        self.poll_interval = poll_interval
+        self.pause = pause
         # Drop decisions are drawn per request in id order, so the same seed and
         # the same sequence of requests drop the same ones whatever the batching.
         self._rng = random.Random(seed)
@@ -212,12 +188,16 @@ class PgNetSender:
         self._timed_out = 0
         self._by_status: Counter[int] = Counter()
         self._batches: list[int] = []
+        self._pass_starts: list[float] = []
+        self._restarts = 0
         # True from just before a pass's DELETE until its outcomes are recorded:
         # wait_idle() needs it because rows leave the table before they are sent.
         self._busy = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        # pg_net's latch: set by a wake-up, cleared when a pass begins.
+        self._latch: asyncio.Event | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
 
@@ -232,6 +212,8 @@ class PgNetSender:
                 timed_out=self._timed_out,
                 by_status=dict(self._by_status),
                 batches=tuple(self._batches),
+                pass_starts=tuple(self._pass_starts),
+                restarts=self._restarts,
             )
 
     @property
@@ -248,7 +230,7 @@ class PgNetSender:
 
     @property
     def failed(self) -> int:
-        """Requests that got no HTTP response: connection error, timeout, rejection."""
+        """Requests that got no HTTP response: connection error, timeout, bad URL."""
         with self._lock:
             return self._failed
 
@@ -283,14 +265,15 @@ class PgNetSender:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stops after the batch in flight, if any, has been recorded."""
-        thread, loop, stop = self._thread, self._loop, self._stop
+        thread, loop, stop, latch = self._thread, self._loop, self._stop, self._latch
         if thread is None:
             return
-        if loop is not None and stop is not None and thread.is_alive():
+        if loop is not None and stop is not None and latch is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(stop.set)
-            # The sender may be waiting out a long poll interval on LISTEN; a
-            # notification ends the wait without cancelling psycopg mid-read.
+                loop.call_soon_threadsafe(latch.set)
+            # The listener may be waiting on LISTEN; a notification ends its wait
+            # without cancelling psycopg mid-read.
             with contextlib.suppress(psycopg.Error), self.db.connect() as conn:
                 conn.execute("select pg_notify(%s, 'stop')", (WAKE_CHANNEL,))
         thread.join(timeout)
@@ -335,54 +318,52 @@ class PgNetSender:
         except BaseException as exc:  # surfaced by check(), wait_idle() and stop()
             self._failure = exc
 
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self.db.url, autocommit=True, application_name=APPLICATION_NAME
+        )
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
+        latch = self._latch = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
-            listener = await stack.enter_async_context(
-                await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
-            )
-            worker = await stack.enter_async_context(
-                await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
-            )
+            listener = await stack.enter_async_context(await self._connect())
+            worker = await stack.enter_async_context(await self._connect())
             # LISTEN before the first pass: anything committed earlier is found by
-            # that pass, anything committed later notifies.
+            # that pass, anything committed later sets the latch.
             await listener.execute(sql.SQL("listen {}").format(sql.Identifier(WAKE_CHANNEL)))
+            listening = asyncio.create_task(self._listen(listener))
             self._ready.set()
-            while not self._stop.is_set():
-                while not self._stop.is_set() and await self._pass(worker) > 0:
-                    pass
-                await self._wait_for_wake(listener)
+            try:
+                while not stop.is_set():
+                    latch.clear()
+                    await self._pass(worker)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.pause):
+                            await latch.wait()
+            finally:
+                # stop() sends a notification, which ends the listener's wait.
+                try:
+                    async with asyncio.timeout(5):
+                        await listening
+                except TimeoutError:
+                    listening.cancel()
 
-    async def _wait_for_wake(self, listener: psycopg.AsyncConnection[Any]) -> None:
-        # The timeout is only a fallback poll: commits arrive as notifications.
-        async for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
-            pass
-
-    @staticmethod
-    def _client() -> httpx.AsyncClient:
-        # One client per batch, closed when the batch is done: idle keep-alive
-        # connections parked in a long-lived pool are later closed by the receiver
-        # (or outlive it in tests) and leak their transports.
-        client = httpx.AsyncClient(
-            follow_redirects=True,  # pg_net sets CURLOPT_FOLLOWLOCATION
-            # curl_multi has no connection cap: a whole batch goes out at
-            # once, which is what makes bursts time out on a slow receiver.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-            # pg_net keeps no cookies between requests.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            # Loopback receivers must not be routed through an environment proxy.
-            trust_env=False,
-        )
-        # curl sends no Accept-Encoding unless asked, and pg_net stores the body
-        # as received; pg_net's own User-Agent is added per request.
-        for name in ("Accept-Encoding", "User-Agent"):
-            client.headers.pop(name, None)
-        return client
+    async def _listen(self, listener: psycopg.AsyncConnection[Any]) -> None:
+        assert self._stop is not None and self._latch is not None
+        async for notify in listener.notifies():
+            if notify.payload == RESTART_PAYLOAD:
+                with self._lock:
+                    self._restarts += 1
+            self._latch.set()
+            if self._stop.is_set():
+                return
 
     async def _pass(self, conn: psycopg.AsyncConnection[Any]) -> int:
         with self._lock:
             self._busy = True
+        started = time.monotonic()
         try:
             requests = await self._take(conn)
             if not requests:
@@ -399,11 +380,13 @@ class PgNetSender:
                     dropped += 1
                 else:
                     to_send.append(request)
-            async with self._client() as client:
-                outcomes = await asyncio.gather(*(self._send(client, r) for r in to_send))
+            # curl_multi has no connection cap: a whole batch goes out at once,
+            # which is what makes bursts time out on a slow receiver.
+            outcomes = await asyncio.gather(*(self._send(r) for r in to_send))
             await self._record(conn, outcomes)
             with self._lock:
                 self._batches.append(len(requests))
+                self._pass_starts.append(started)
                 self._dropped += dropped
                 for outcome in outcomes:
                     if outcome.status_code is not None:
@@ -425,7 +408,7 @@ class PgNetSender:
         requests = [
             QueuedRequest(
                 id=row[0],
-                method=row[1],
+                method=row[1].upper(),
                 url=row[2],
                 timeout_milliseconds=row[3],
                 header_lines=tuple(row[4] or ()),
@@ -435,37 +418,18 @@ class PgNetSender:
         ]
         return sorted(requests, key=lambda r: r.id)
 
-    async def _send(self, client: httpx.AsyncClient, request: QueuedRequest) -> Outcome:
+    async def _send(self, request: QueuedRequest) -> Outcome:
         timeout_ms = request.timeout_milliseconds
-        # libcurl reads a 0 timeout as "none", which would let one request hold the
-        # batch forever; newer pg_net refuses such requests with an error row.
-        if timeout_ms <= 0:
-            return Outcome(
-                request.id,
-                error_msg=f"timeout_milliseconds must be positive, got {timeout_ms}",
-            )
-        for line in request.header_lines:
-            reason = _crlf_rejection(line) if line is not None else None
-            if reason is not None:
-                return Outcome(request.id, error_msg=reason)
-        method = request.method.upper()
-        if method not in SUPPORTED_METHODS:
-            return Outcome(request.id, error_msg=f"Unsupported request method {request.method}")
-
-        seconds = timeout_ms / 1000
+        lines = [line for line in request.header_lines if line is not None]
         started = time.perf_counter()
         try:
-            # curl's CURLOPT_TIMEOUT_MS bounds the whole transfer; httpx's timeouts
-            # are per phase, so the overall deadline comes from asyncio.
-            async with asyncio.timeout(seconds):
-                response = await client.request(
-                    method,
-                    request.url,
-                    headers=_request_headers(request.header_lines),
-                    content=request.body,
-                    timeout=httpx.Timeout(seconds),
+            # CURLOPT_TIMEOUT_MS bounds the whole transfer, redirects included; libcurl
+            # reads 0 as "no limit", and a negative value leaves that default.
+            async with asyncio.timeout(timeout_ms / 1000 if timeout_ms > 0 else None):
+                reply = await curl.perform(
+                    request.method, request.url, lines, _wire_body(request), user_agent=USER_AGENT
                 )
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             elapsed_ms = (time.perf_counter() - started) * 1000
             # pg_net's message also splits the time into DNS, handshake and
             # request phases; only the prefix is meant to be matched on.
@@ -474,18 +438,14 @@ class PgNetSender:
                 timed_out=True,
                 error_msg=f"Timeout of {timeout_ms} ms reached. Total time: {elapsed_ms:f} ms",
             )
-        except Exception as exc:  # no retries: every failure is final
-            return Outcome(request.id, error_msg=_curl_error_message(exc))
-
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers.raw
-        }
+        except curl.CurlError as exc:  # no retries: every failure is final
+            return Outcome(request.id, error_msg=str(exc))
         return Outcome(
             request.id,
-            status_code=response.status_code,
-            content=_response_content(response.content),
-            headers=headers,
-            content_type=response.headers.get("content-type"),
+            status_code=reply.status,
+            content=_response_content(reply.body),
+            headers=dict(reply.headers),
+            content_type=reply.header("content-type"),
         )
 
     async def _record(
@@ -520,16 +480,10 @@ def running_sender(
     batch_size: int = DEFAULT_BATCH_SIZE,
     drop_rate: float = 0.0,
     seed: int | None = None,
-    poll_interval: float = 0.05,
+    pause: float = DEFAULT_PAUSE,
 ) -> Iterator[PgNetSender]:
     """Runs a `PgNetSender` for the duration of the block."""
-    sender = PgNetSender(
-        db,
-        batch_size=batch_size,
-        drop_rate=drop_rate,
-        seed=seed,
-        poll_interval=poll_interval,
-    )
+    sender = PgNetSender(db, batch_size=batch_size, drop_rate=drop_rate, seed=seed, pause=pause)
     sender.start()
     try:
         yield sender

@@ -38,7 +38,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class ServiceProcess:
-    """`python -m uvicorn app.main:app` on a loopback port, started and stopped at will."""
+    """The service on a loopback port, started and stopped at will: `python -m uvicorn
+    app.main:app`, or with `console_script` as `queue-worker` runs it (app.cli)."""
 
     def __init__(self, settings: Settings, log_dir: Path, *, console_script: bool = False) -> None:
         with contextlib.closing(bound_socket()) as sock:
@@ -61,8 +62,10 @@ class ServiceProcess:
         env["PYTHONPATH"] = str(ROOT)
         self.starts += 1
         log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            [
+        command = (
+            [sys.executable, "-m", "app.cli"]
+            if self.console_script
+            else [
                 sys.executable,
                 "-m",
                 "uvicorn",
@@ -72,14 +75,20 @@ class ServiceProcess:
                 "--port",
                 str(self.port),
                 "--no-access-log",
-            ],
+            ]
+        )
+        self._process = subprocess.Popen(
+            command,
             cwd=self._log_dir,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_until(self._ready, timeout=30, what=f"the service on port {self.port}")
+        try:
+            wait_until(self._ready, timeout=30, what=f"the service on port {self.port}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; its log:\n{self.log_path.read_text()}") from None
 
     def _ready(self) -> bool:
         assert self._process is not None
