@@ -132,9 +132,9 @@ def test_the_documented_answers_parse() -> None:
 def test_many_examples_run() -> None:
     # Guards the parser: were the markers not found, the page tests would be vacuous.
     run = [block for page in RUN_PAGES for block in local_blocks(page)]
-    assert len(run) >= 6
-    assert sum(len(curl_calls(block)) for block in run) >= 11
-    assert sum(len(expectations(block)) for block in run) >= 8
+    assert len(run) >= 8
+    assert sum(len(curl_calls(block)) for block in run) >= 13
+    assert sum(len(expectations(block)) for block in run) >= 9
 
 
 # -- the reader's machine: one local-mode service for the module ----------------
