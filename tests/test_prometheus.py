@@ -4,6 +4,10 @@ A real Prometheus (Debian's package) scrapes the running service on loopback;
 after jobs ran, the job counter is read back through Prometheus's HTTP API and
 must equal what the service exposes. `promtool check metrics` lints the
 exposition the way Prometheus's own tooling would.
+
+Without `prometheus` and `promtool` on PATH both tests are skipped with one line
+saying what to install, before any service starts; under CI (`CI=true`, set by
+.ci/run) they fail instead (tests/support/tools.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.conftest import Service
 from tests.support.pg_net import PgNetSender
@@ -18,6 +23,7 @@ from tests.support.postgres import Database
 from tests.support.prometheus import (
     JOB_NAME,
     promtool_check_metrics,
+    require_binary,
     running_prometheus,
     sample_value,
 )
@@ -28,6 +34,13 @@ from tests.test_e2e import enqueue
 
 JOBS = 3
 SUCCEEDED = 'queue_worker_jobs_total{queue="email_queue",outcome="succeeded"}'
+
+
+@pytest.fixture(autouse=True)
+def prometheus_installed() -> None:
+    """Skips (or fails, under CI) before the service and its jobs, not after them."""
+    require_binary("prometheus")
+    require_binary("promtool")
 
 
 def own_succeeded(service: Service) -> float:
