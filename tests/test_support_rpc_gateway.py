@@ -455,7 +455,7 @@ def test_wrong_argument_names(gateway: RpcGateway, client: httpx.Client, db: Dat
     )
     assert body["hint"] == (
         "Perhaps you meant to call the function "
-        "queue_worker.send(delay_seconds, message, queue_name)"
+        "queue_worker.send(delay_seconds, headers, message, queue_name)"
     )
     # A required argument missing, or one too many, does not match either.
     missing = rpc(client, "send", {"queue_name": "email_queue"}, headers=headers)

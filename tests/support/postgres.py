@@ -193,3 +193,4 @@ def reset(db: Database) -> None:
             )
         conn.execute("truncate net.http_request_queue, net._http_response, vault.secrets")
         conn.execute("truncate queue_worker.payments, queue_worker.payment_events")
+        conn.execute("truncate queue_worker.idempotency_keys")
