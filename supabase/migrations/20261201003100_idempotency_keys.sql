@@ -295,3 +295,5 @@ grant execute on function
   queue_worker._claim_unless_done(text, bigint[], integer, integer),
   queue_worker.send(text, jsonb, integer, jsonb)
   to service_role;
+
+select queue_worker.record_migration('20261201003100_idempotency_keys');
