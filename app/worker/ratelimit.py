@@ -24,7 +24,7 @@ class RateLimiter:
         self._next = 0.0  # event loop time of the next free start
 
     async def wait(self) -> None:
-        """Returns at this caller's start time; a cancelled wait gives its turn away."""
+        """Returns at this caller's start time (a cancelled wait leaves its turn unused)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         start = max(now, self._next)
