@@ -145,9 +145,12 @@ class Settings(BaseSettings):
     mail_default_locale: Literal["en", "ru"] = "en"
 
     # Jobs
-    # The queues this service processes, each by the processor of the same name
-    # (comma-separated); unset means every queue the service has a processor for.
+    # The queues this service processes (comma-separated), among those of the queues
+    # file (or the built-in ones without one); unset means all of them.
     queues: Annotated[list[str] | None, NoDecode] = Field(None, min_length=1)
+    # The queues file (app/processors/registry.py): each queue's processor and limits.
+    # Unset: ./queues.toml when present, else the three built-in queues.
+    queues_file: Path | None = None
     # A claimed message stays invisible this long; a running job's lease is
     # extended every third of it (the heartbeat).
     visibility_timeout_seconds: int = Field(30, ge=3)

@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -220,6 +221,18 @@ def _prepare(url: str, install: Path, migrations: list[Path]) -> None:
                 raise LocalModeError(
                     f"local mode: migration {path.name} failed: {first_line}"
                 ) from None
+        conn.execute(ENABLE_NOTIFY)
+
+
+def attach_queues(url: str, queues: Iterable[str]) -> None:
+    """Attaches the served queues (queues.toml's too) and turns on their notifications.
+
+    A Supabase project attaches queues in its migrations; the embedded database is
+    the service's own, so a queue of one's own runs locally with no migration line.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        for queue in queues:
+            conn.execute("select queue_worker.attach_queue(%s)", [queue])
         conn.execute(ENABLE_NOTIFY)
 
 

@@ -11,10 +11,10 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,10 +30,7 @@ from app.logs import RequestIdMiddleware, configure
 from app.mail import Mailer
 from app.metrics import QueueStats
 from app.outbox import Outbox
-from app.processors import Processor, Registry
-from app.processors.email import EmailProcessor
-from app.processors.payments import PaymentsProcessor
-from app.processors.reports import ReportsProcessor
+from app.processors.registry import QueuePlan, QueueSpec, build_processors, load_queues
 from app.queue.backend import QueueBackend, RpcCaller
 from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
@@ -43,38 +40,10 @@ from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Dependencies:
-    """What processors may be built with."""
-
-    settings: Settings
-    mailer: Mailer
-    rpc: RpcCaller
-
-
-# Queue name -> how to build its processor. `QUEUES` picks from these.
-PROCESSORS: dict[str, Callable[[Dependencies], Processor]] = {
-    "email_queue": lambda deps: EmailProcessor(deps.mailer),
-    "payments_queue": lambda deps: PaymentsProcessor(deps.rpc),
-    "reports_queue": lambda deps: ReportsProcessor(deps.rpc, deps.mailer),
-}
-
-
 def served_queues(settings: Settings) -> list[str]:
-    """`QUEUES`, or every queue that has a processor; ConfigError for an unknown name."""
-    queues = settings.queues if settings.queues is not None else sorted(PROCESSORS)
-    unknown = [name for name in queues if name not in PROCESSORS]
-    if unknown:
-        raise ConfigError(
-            f"invalid configuration: QUEUES: no processor for {', '.join(map(repr, unknown))}; "
-            f"known queues: {', '.join(sorted(PROCESSORS))}"
-        )
-    return list(queues)
-
-
-def build_registry(deps: Dependencies) -> Registry:
-    """The processors of the served queues, built once at start."""
-    return {name: PROCESSORS[name](deps) for name in served_queues(deps.settings)}
+    """The queues this process serves (queues.toml or the built-in ones, narrowed by
+    `QUEUES`), every one checked; ConfigError with one line otherwise."""
+    return load_queues(settings).names
 
 
 def coalescing(inner: QueueBackend, settings: Settings) -> CoalescingQueue:
@@ -87,12 +56,15 @@ def coalescing(inner: QueueBackend, settings: Settings) -> CoalescingQueue:
 
 
 @asynccontextmanager
-async def open_backend(settings: Settings) -> AsyncIterator[tuple[QueueBackend, RpcCaller]]:
+async def open_backend(
+    settings: Settings, queues: Sequence[str] = ()
+) -> AsyncIterator[tuple[QueueBackend, RpcCaller]]:
     """The database behind the queue interface, as the settings choose it.
 
     Local mode: the embedded PostgreSQL (app/local.py), started or joined here and
-    left at the end. DATABASE_URL: a direct connection pool. Both run the worker's
-    functions over SQL (`SqlQueue`, its own RPC caller). Otherwise the same
+    left at the end, with `queues` attached. DATABASE_URL: a direct connection
+    pool. Both run the worker's functions over SQL (`SqlQueue`, its own RPC
+    caller). Otherwise the same
     functions through Supabase's RPC API (`RpcQueue` over `SupabaseRpc`).
     """
     if settings.local_mode or settings.database_url is not None:
@@ -102,6 +74,8 @@ async def open_backend(settings: Settings) -> AsyncIterator[tuple[QueueBackend, 
             else:
                 database = local.EmbeddedDatabase(settings.data_dir)
                 url = await asyncio.to_thread(database.start)
+                # The embedded database is the service's own: its queues are attached here.
+                await asyncio.to_thread(local.attach_queues, url, queues)
                 stack.push_async_callback(asyncio.to_thread, database.stop)
             pool = SqlQueue.create_pool(
                 url, max_size=settings.database_pool_size, timeout=settings.rpc_timeout_seconds
@@ -142,6 +116,37 @@ def runner_config(settings: Settings) -> RunnerConfig:
     )
 
 
+def queue_config(spec: QueueSpec) -> RunnerConfig:
+    """The runner's limits for one queue (its spec, global settings filled in)."""
+    return RunnerConfig(
+        visibility_timeout=spec.visibility_timeout_seconds,
+        job_timeout=spec.job_timeout_seconds,
+        max_concurrency=spec.max_concurrency,
+        retry=RetryPolicy(
+            max_attempts=spec.max_attempts,
+            base_delay=spec.retry_base_seconds,
+            max_delay=spec.retry_max_seconds,
+        ),
+        rate_per_second=spec.rate_per_second,
+    )
+
+
+def open_http(plan: QueuePlan) -> httpx.AsyncClient:
+    """The one pooled HTTP client that `forward` and plugins share (Resources.http).
+
+    Enough connections for every served job at once; no redirects followed, and each
+    request sets its own timeout (the default here is a backstop).
+    """
+    slots = sum(spec.max_concurrency for spec in plan.queues.values())
+    size = max(10, min(slots, 1000))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0),
+        limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        follow_redirects=False,
+        headers={"User-Agent": f"queue-worker/{__version__}"},
+    )
+
+
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ApiError)
     return JSONResponse(error.detail, status_code=error.status_code, headers=error.headers)
@@ -162,15 +167,23 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app. Without `settings`, they are read from the environment."""
     settings = local.with_local_token(settings or load_settings())
-    served_queues(settings)  # an unknown queue is refused before anything starts
+    # Every queue checked (file, keys, imports) before anything starts.
+    plan = load_queues(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_backend(settings) as (database, rpc):
+        async with open_backend(settings, plan.names) as (database, rpc), open_http(plan) as http:
             backend = coalescing(database, settings)
             mailer = open_mailer(settings)
-            processors = build_registry(Dependencies(settings, mailer, rpc))
-            runner = Runner(backend, processors, runner_config(settings))
+            processors = await build_processors(
+                plan, settings=settings, http=http, mailer=mailer, rpc=rpc
+            )
+            runner = Runner(
+                backend,
+                processors,
+                runner_config(settings),
+                {name: queue_config(spec) for name, spec in plan.queues.items()},
+            )
             sweeper = Sweeper(
                 runner,
                 interval=settings.sweep_interval_seconds,

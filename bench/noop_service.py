@@ -2,9 +2,9 @@
 
 For throughput benchmarks only: what is measured is the path from webhook (or sweep)
 to ack, not SMTP. The product has no such processor; this module swaps the
-email_queue entry of `app.main.PROCESSORS` in its own process before the app is
-built, then serves through `app.server.serve` exactly as the console script does
-(same event loop, HTTP parser and settings).
+built-in `email` processor of the registry (`app.processors.registry.BUILTINS`) in
+its own process before the app is built, then serves through `app.server.serve`
+exactly as the console script does (same event loop, HTTP parser and settings).
 
     python -m bench.noop_service   # settings from the environment, as queue-worker
 
@@ -22,9 +22,10 @@ import time
 
 from pydantic import BaseModel
 
-from app import main as service
 from app.config import load_settings
+from app.jobs import Resources
 from app.logs import configure
+from app.processors import registry
 from app.queue.models import QueueMessage
 from app.server import serve
 
@@ -34,8 +35,16 @@ class NoopProcessor:
 
     model = BaseModel
 
+    def validate(self, body: object) -> None:
+        return None
+
     async def __call__(self, message: QueueMessage) -> None:
         return None
+
+
+def noop(resources: Resources) -> NoopProcessor:
+    """The factory registered in place of the email processor."""
+    return NoopProcessor()
 
 
 def _profile_on_signals(path: str) -> None:
@@ -52,7 +61,7 @@ def _profile_on_signals(path: str) -> None:
 def run() -> None:
     if path := os.environ.get("BENCH_PROFILE"):
         _profile_on_signals(path)
-    service.PROCESSORS["email_queue"] = lambda deps: NoopProcessor()
+    registry.BUILTINS["email"] = registry.Builtin("bench.noop_service:noop")
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
     serve(settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import json
 import os
 import signal
 import subprocess
@@ -376,3 +377,39 @@ def test_mode_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://localhost/postgres")
     with pytest.raises(ConfigError, match="QUEUE_WORKER_MODE=local"):
         load_settings()
+
+
+def test_a_queue_of_ones_own_runs_locally_without_a_migration_line(
+    tmp_path: Path, worker_factory: Any
+) -> None:
+    # ./queues.toml and a plugin next to it; local mode attaches the queue itself.
+    (tmp_path / "queues.toml").write_text('[queues.notes_queue]\nprocessor = "notes:write"\n')
+    (tmp_path / "notes.py").write_text(
+        "import json\nimport pathlib\n\n\n"
+        "async def write(job: dict) -> None:\n"
+        "    with pathlib.Path('notes.jsonl').open('a') as file:\n"
+        "        file.write(json.dumps(job) + '\\n')\n"
+    )
+    worker = worker_factory(tmp_path)
+    data = tmp_path / ".queue-worker"
+    worker.start()
+    response = httpx.post(
+        f"{worker.url}/queues/notes_queue/messages",
+        json={"note": "from the API"},
+        headers=auth(data),
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    with psycopg.connect(database_url(data), autocommit=True) as conn:
+        conn.execute("select pgmq.send('notes_queue', %s)", [Jsonb({"note": "from SQL"})])
+    notes = tmp_path / "notes.jsonl"
+    wait_until(
+        lambda: notes.is_file() and len(notes.read_text().splitlines()) == 2,
+        timeout=30,
+        what="both notes",
+    )
+    assert sorted(json.loads(line)["note"] for line in notes.read_text().splitlines()) == [
+        "from SQL",
+        "from the API",
+    ]
+    assert worker.ctrl_c() == 0

@@ -455,7 +455,7 @@ def test_wrong_argument_names(gateway: RpcGateway, client: httpx.Client, db: Dat
     )
     assert body["hint"] == (
         "Perhaps you meant to call the function "
-        "queue_worker.send(delay_seconds, message, queue_name)"
+        "queue_worker.send(delay_seconds, headers, message, queue_name)"
     )
     # A required argument missing, or one too many, does not match either.
     missing = rpc(client, "send", {"queue_name": "email_queue"}, headers=headers)
@@ -627,7 +627,10 @@ def test_unknown_queue_is_p0001_400(gateway: RpcGateway, client: httpx.Client) -
     )
     body = assert_pgrst_error(response, 400, "P0001")
     assert body["message"] == "unknown queue: nope"
-    assert body["hint"] == "Create it with pgmq.create() or check the name."
+    assert body["hint"] == (
+        "Attach it in a migration with select queue_worker.attach_queue('<name>'), "
+        "or check the name."
+    )
 
 
 def test_invalid_parameter_is_400(gateway: RpcGateway, client: httpx.Client) -> None:

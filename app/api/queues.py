@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 
 from app.api.deps import BearerSecret, Services, get_services
@@ -22,6 +22,15 @@ router = APIRouter(
 ServicesDep = Annotated[Services, Depends(get_services)]
 # pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
 MAX_MSG_ID = 2**63 - 1
+# An Idempotency-Key is kept as the job's pgmq header `idempotency_key`
+# (supabase/migrations/20261201003100_idempotency_keys.sql): printable ASCII.
+IDEMPOTENCY_KEY = Header(
+    alias="Idempotency-Key",
+    min_length=1,
+    max_length=255,
+    pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$",
+    description="A later job with the same key, after this one succeeded, is not run",
+)
 
 
 def _unstorable(message: Any) -> str | None:
@@ -56,8 +65,9 @@ async def enqueue(
     services: ServicesDep,
     message: Annotated[dict[str, Any], Body()],
     delay_seconds: Annotated[int, Query(ge=0, le=86_400 * 7)] = 0,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> dict[str, Any]:
-    """Validates a job as its processor does and enqueues it."""
+    """Validates a job as its processor does and enqueues it (with its Idempotency-Key)."""
     _served(services, queue)
     try:
         services.processors[queue].validate(message)
@@ -67,7 +77,8 @@ async def enqueue(
     if problem is not None:
         # The database would refuse it; say so here rather than as an RPC failure.
         raise ApiError(422, "invalid_message", f"message: {problem}")
-    msg_id = await services.backend.send(queue, message, delay_seconds)
+    headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
+    msg_id = await services.backend.send(queue, message, delay_seconds, headers)
     return {"queue": queue, "msg_id": msg_id}
 
 

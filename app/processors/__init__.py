@@ -18,10 +18,11 @@ from app.queue.models import QueueMessage
 
 
 class Processor(Protocol):
-    """Processes one claimed message of its queue; `model` validates its messages."""
+    """Processes one claimed message of its queue.
 
-    @property
-    def model(self) -> type[BaseModel]: ...
+    The built-in processors keep the pydantic model of their jobs as `model`; the
+    runner and the API need only these two methods.
+    """
 
     def validate(self, body: Any) -> None:
         """Raises PermanentError, naming the field, when `body` can never be processed."""

@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.jobs import Resources
 from app.mail import Address, Attachment, Mail, Mailer
 from app.processors import parse_body, parse_job
 from app.queue.models import QueueMessage
@@ -196,3 +197,8 @@ class EmailProcessor:
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)
         await self._mailer.send(job.mail(self._mailer))
+
+
+def processor(resources: Resources) -> EmailProcessor:
+    """The built-in `email` processor (registered in app/processors/registry.py)."""
+    return EmailProcessor(resources.mailer)

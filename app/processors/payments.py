@@ -40,6 +40,7 @@ from pydantic import (
 # whether an event was applied, a duplicate or stale.
 from app import metrics
 from app.errors import PermanentError, RetryableError
+from app.jobs import Resources
 from app.processors import parse_body, parse_job
 from app.queue.backend import RpcCaller
 from app.queue.models import QueueMessage
@@ -263,3 +264,8 @@ class PaymentsProcessor:
                 "receipt_enqueued": bool(answer.get("receipt_enqueued")),
             },
         )
+
+
+def processor(resources: Resources) -> PaymentsProcessor:
+    """The built-in `payments` processor (registered in app/processors/registry.py)."""
+    return PaymentsProcessor(resources.rpc)

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from app.errors import JobError, PermanentError, RetryableError, describe_invalid
+from app.jobs import Resources
 from app.mail import LOCALES, Attachment, Mail, Mailer
 from app.processors import parse_body, parse_job
 from app.processors.email import EmailAddress
@@ -413,3 +414,8 @@ class ReportsProcessor:
                 )
             ],
         )
+
+
+def processor(resources: Resources) -> ReportsProcessor:
+    """The built-in `reports` processor (registered in app/processors/registry.py)."""
+    return ReportsProcessor(resources.rpc, resources.mailer)

@@ -81,8 +81,14 @@ class QueueBackend(Protocol):
         """
         ...
 
-    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
-        """Enqueues a message; returns its msg_id."""
+    async def send(
+        self,
+        queue: str,
+        message: dict[str, Any],
+        delay_seconds: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> int:
+        """Enqueues a message (with pgmq `headers`, such as an idempotency key); its msg_id."""
         ...
 
     async def metrics(self) -> list[QueueMetrics]:

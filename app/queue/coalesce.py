@@ -147,8 +147,14 @@ class CoalescingQueue:
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
         return await self.inner.read(queue, vt, qty)
 
-    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
-        return await self.inner.send(queue, message, delay_seconds)
+    async def send(
+        self,
+        queue: str,
+        message: dict[str, Any],
+        delay_seconds: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> int:
+        return await self.inner.send(queue, message, delay_seconds, headers)
 
     async def metrics(self) -> list[QueueMetrics]:
         return await self.inner.metrics()

@@ -200,10 +200,17 @@ class RpcQueue:
         )
         return [int(i) for i in ids]
 
-    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
-        msg_id = await self._rpc.call(
-            "send", {"queue_name": queue, "message": message, "delay_seconds": delay_seconds}
-        )
+    async def send(
+        self,
+        queue: str,
+        message: dict[str, Any],
+        delay_seconds: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> int:
+        args = {"queue_name": queue, "message": message, "delay_seconds": delay_seconds}
+        if headers is not None:
+            args["headers"] = headers
+        msg_id = await self._rpc.call("send", args)
         return int(msg_id)
 
     async def metrics(self) -> list[QueueMetrics]:

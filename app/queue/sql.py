@@ -300,12 +300,25 @@ class SqlQueue:
         )
         return [int(row["id"]) for row in rows]
 
-    async def send(self, queue: str, message: dict[str, Any], delay_seconds: int = 0) -> int:
-        rows = await self._rows(
-            "send",
-            "select {fn}(%s::text, %s::jsonb, %s::integer) as id",
-            (queue, Jsonb(message), delay_seconds),
-        )
+    async def send(
+        self,
+        queue: str,
+        message: dict[str, Any],
+        delay_seconds: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> int:
+        if headers is None:
+            rows = await self._rows(
+                "send",
+                "select {fn}(%s::text, %s::jsonb, %s::integer) as id",
+                (queue, Jsonb(message), delay_seconds),
+            )
+        else:
+            rows = await self._rows(
+                "send",
+                "select {fn}(%s::text, %s::jsonb, %s::integer, %s::jsonb) as id",
+                (queue, Jsonb(message), delay_seconds, Jsonb(headers)),
+            )
         return int(rows[0]["id"])
 
     async def metrics(self) -> list[QueueMetrics]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 
 from app.queue.backend import QueueBackend
 from app.queue.rpc import RpcError
@@ -19,9 +20,14 @@ log = logging.getLogger(__name__)
 
 
 class Leases:
-    def __init__(self, backend: QueueBackend, *, vt: int) -> None:
+    """`vt` is the lease of every queue that `per_queue` does not name."""
+
+    def __init__(
+        self, backend: QueueBackend, *, vt: int, per_queue: Mapping[str, int] | None = None
+    ) -> None:
         self._backend = backend
         self.vt = vt
+        self._vt = dict(per_queue or {})
         self._held: defaultdict[str, set[int]] = defaultdict(set)
 
     def hold(self, queue: str, msg_id: int) -> None:
@@ -34,19 +40,19 @@ class Leases:
         return frozenset(self._held[queue])
 
     async def renew(self) -> None:
-        """Extends every held lease to now + vt."""
+        """Extends every held lease to now + its queue's vt."""
         for queue, ids in list(self._held.items()):
             if not ids:
                 continue
             try:
-                await self._backend.set_vt(queue, sorted(ids), self.vt)
+                await self._backend.set_vt(queue, sorted(ids), self._vt.get(queue, self.vt))
             except RpcError as error:
                 # The lease still runs until its old deadline; the next beat tries again.
                 log.warning("lease renewal failed", extra={"queue": queue, "error": str(error)})
 
     async def run(self) -> None:
-        """Renews leases every vt/3 seconds until cancelled."""
-        interval = self.vt / 3
+        """Renews leases every third of the shortest vt until cancelled."""
+        interval = min([self.vt, *self._vt.values()]) / 3
         while True:
             await asyncio.sleep(interval)
             await self.renew()

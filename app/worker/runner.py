@@ -11,8 +11,12 @@ heartbeat). The runner alone decides the message's fate:
   again after an exponential, jittered backoff, until the last attempt;
 - permanent failure, or the last attempt: archived with its error.
 
-Each queue runs at most `max_concurrency` jobs; work offered beyond that stays in
-the queue for the sweeper, so memory does not grow with a burst.
+Each queue runs at most its `max_concurrency` jobs (so a slow queue cannot take
+the slots of another); work offered beyond that stays in the queue for the
+sweeper, so memory does not grow with a burst. A queue with `rate_per_second`
+starts its jobs no faster than that (app/worker/ratelimit.py); a job waiting for
+its turn holds its slot and its lease. Every limit is per queue (the registry's
+QueueSpec, looked up once here at start); `RunnerConfig` is the default.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import enum
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +41,7 @@ from app.queue.rpc import RpcError
 from app.worker.deadlines import Deadlines
 from app.worker.leases import Leases
 from app.worker.policy import RetryPolicy
+from app.worker.ratelimit import RateLimiter
 from app.worker.settle import Settler
 
 log = logging.getLogger(__name__)
@@ -56,18 +61,36 @@ class RunnerConfig:
     job_timeout: float
     max_concurrency: int
     retry: RetryPolicy
+    rate_per_second: float | None = None
 
 
 class Runner:
-    """Owns the jobs of one process."""
+    """Owns the jobs of one process.
 
-    def __init__(self, backend: QueueBackend, processors: Registry, config: RunnerConfig) -> None:
+    `config` holds the limits of every queue that `queues` does not name.
+    """
+
+    def __init__(
+        self,
+        backend: QueueBackend,
+        processors: Registry,
+        config: RunnerConfig,
+        queues: Mapping[str, RunnerConfig] | None = None,
+    ) -> None:
         self._backend = backend
         self._processors = processors
-        self._config = config
-        self.leases = Leases(backend, vt=config.visibility_timeout)
+        self._configs = {q: (queues or {}).get(q, config) for q in processors}
+        self.leases = Leases(
+            backend,
+            vt=config.visibility_timeout,
+            per_queue={q: c.visibility_timeout for q, c in self._configs.items()},
+        )
         self.settler = Settler(backend)
-        self._deadlines = Deadlines(config.job_timeout)
+        self._deadlines = {q: Deadlines(c.job_timeout) for q, c in self._configs.items()}
+        self._limiters = {
+            q: RateLimiter(c.rate_per_second) if c.rate_per_second else None
+            for q, c in self._configs.items()
+        }
         self._tasks: set[asyncio.Task[None]] = set()
         # Slots taken per queue: running jobs plus claims/reads under way.
         self._busy: defaultdict[str, int] = defaultdict(int)
@@ -89,16 +112,15 @@ class Runner:
         return self._busy[queue]
 
     def free(self, queue: str) -> int:
-        return max(0, self._config.max_concurrency - self._busy[queue])
+        return max(0, self._configs[queue].max_concurrency - self._busy[queue])
 
-    @property
-    def capacity(self) -> int:
-        """Slots per queue (MAX_CONCURRENCY)."""
-        return self._config.max_concurrency
+    def capacity(self, queue: str) -> int:
+        """The slots of `queue` (its max_concurrency)."""
+        return self._configs[queue].max_concurrency
 
     async def wait_for_capacity(self, queue: str, slots: int = 1) -> None:
         """Returns once at least `slots` slots of `queue` are free."""
-        while self.free(queue) < min(slots, self._config.max_concurrency):
+        while self.free(queue) < min(slots, self._configs[queue].max_concurrency):
             event = self._freed[queue]
             event.clear()
             await event.wait()
@@ -135,7 +157,9 @@ class Runner:
             return 0, 0
         self._busy[queue] += asked
         try:
-            messages = await self._backend.read(queue, self._config.visibility_timeout, asked)
+            messages = await self._backend.read(
+                queue, self._configs[queue].visibility_timeout, asked
+            )
         except BaseException:
             self._release(queue, asked)
             raise
@@ -156,7 +180,9 @@ class Runner:
 
     async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
         try:
-            claimed = await self._backend.claim(queue, msg_ids, self._config.visibility_timeout)
+            claimed = await self._backend.claim(
+                queue, msg_ids, self._configs[queue].visibility_timeout
+            )
         except RpcError as error:
             log.warning(
                 "claim failed; the message stays queued for the sweeper",
@@ -214,7 +240,8 @@ class Runner:
             # Finished here before; only its ack or archive is outstanding.
             self.settler.poke()
             return "duplicate"
-        retry = self._config.retry
+        config = self._configs[queue]
+        retry = config.retry
         if message.read_ct > retry.max_attempts:
             # Claimed more often than allowed without an outcome being recorded (a
             # crash mid-job, or an archive that never landed): give up without running it.
@@ -225,13 +252,16 @@ class Runner:
             )
             await self.settler.archive(queue, msg_id, error)
             return "archived"
+        limiter = self._limiters[queue]
+        if limiter is not None:
+            await limiter.wait()  # its slot and lease held meanwhile
         try:
-            async with self._deadlines():
+            async with self._deadlines[queue]():
                 await self._processors[queue](message)
         except PermanentError as error:
             return await self._archive(queue, message, error, context)
         except TimeoutError:
-            timeout = RetryableError(f"job timed out after {self._config.job_timeout:g}s")
+            timeout = RetryableError(f"job timed out after {config.job_timeout:g}s")
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
@@ -241,7 +271,7 @@ class Runner:
     async def _retry(
         self, queue: str, message: QueueMessage, error: Exception, context: dict[str, Any]
     ) -> str:
-        retry = self._config.retry
+        retry = self._configs[queue].retry
         if retry.exhausted(message.read_ct):
             return await self._archive(queue, message, error, context)
         delay = retry.delay(

@@ -102,7 +102,7 @@ class Sweeper:
                 # A full batch (more is probably waiting) or no free slot: continue
                 # once half a batch of slots is free, but at least every interval so
                 # that readiness sees the sweeper alive while long jobs hold every slot.
-                refill = max(1, min(size, self._runner.capacity) // 2)
+                refill = max(1, min(size, self._runner.capacity(queue)) // 2)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._runner.wait_for_capacity(queue, refill), timeout=self.interval

@@ -148,8 +148,42 @@ def bootstrap(db: Database) -> None:
     apply_migrations(db)
 
 
+def attach_queue(db: Database, queue: str) -> None:
+    """`select queue_worker.attach_queue(queue)` as a user's migration runs it."""
+    with db.connect(role=OWNER_ROLE) as conn:
+        conn.execute("select queue_worker.attach_queue(%s)", [queue])
+
+
+def drop_queue(db: Database, queue: str) -> None:
+    """Detaches a queue a test attached and drops it, messages and all."""
+    with db.connect(role=OWNER_ROLE) as conn:
+        conn.execute("select queue_worker.detach_queue(%s)", [queue])
+        conn.execute("select pgmq.drop_queue(%s)", [queue])
+
+
+@contextlib.contextmanager
+def attached_queue(db: Database, queue: str) -> Iterator[str]:
+    """A queue of the test's own, attached for the duration and dropped afterwards."""
+    attach_queue(db, queue)
+    try:
+        yield queue
+    finally:
+        drop_queue(db, queue)
+
+
 def reset(db: Database) -> None:
-    """Empties queues, archives, pg_net's tables and Vault between tests."""
+    """Empties queues, archives, pg_net's tables and Vault between tests.
+
+    Queues a test attached and left behind are dropped, so each test starts with
+    the built-in queues only.
+    """
+    with db.connect() as conn:
+        extra = conn.execute(
+            "select m.queue_name from pgmq.meta m where not m.queue_name = any(%s)",
+            [list(QUEUES)],
+        ).fetchall()
+    for (queue,) in extra:
+        drop_queue(db, queue)
     with db.connect() as conn:
         for queue in QUEUES:
             conn.execute(
@@ -159,3 +193,4 @@ def reset(db: Database) -> None:
             )
         conn.execute("truncate net.http_request_queue, net._http_response, vault.secrets")
         conn.execute("truncate queue_worker.payments, queue_worker.payment_events")
+        conn.execute("truncate queue_worker.idempotency_keys")

@@ -1,0 +1,1 @@
+"""This project's own processors (the directory holding queues.toml is on the import path)."""
