@@ -13,6 +13,7 @@ minute; the others call what pg_cron would call (`queue_worker.run_schedule`) or
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -32,6 +33,8 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.main import create_app
 from app.processors.reports import PaymentsSummaryParams
+from app.queue import schedules
+from app.queue.sql import SqlQueue
 from tests.conftest import MAIL_FROM, register_in_vault
 from tests.support.cron import (
     CRON_DATABASE,
@@ -350,6 +353,44 @@ def test_only_the_owner_runs_a_schedule_and_only_service_role_sets_one(
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     conn.execute(call)  # type: ignore[arg-type]
     assert len(cron_jobs(cron_db)) == 1
+
+
+def test_the_operations_run_over_a_direct_connection_too(cron_db: Database, db: Database) -> None:
+    # DATABASE_URL and the CLI call the same functions over SQL instead of PostgREST.
+    async def scenario(database: Database) -> dict[str, Any]:
+        pool = SqlQueue.create_pool(database.url_as(OWNER_ROLE), max_size=2, timeout=10)
+        await pool.open(wait=True)
+        seen: dict[str, Any] = {}
+        try:
+            rpc = SqlQueue(pool, schema="queue_worker", timeout=10)
+            seen["status"] = await schedules.cron_status(rpc)
+            try:
+                seen["set"] = await schedules.set_schedule(
+                    rpc, "nightly", "0 3 * * *", "email_queue", email("nightly")
+                )
+                await schedules.set_schedule(rpc, "nightly", "60 3 * * *", "email_queue", {})
+            except schedules.ScheduleError as error:
+                seen["refused"] = error
+            seen["listed"] = [s.name for s in await schedules.list_schedules(rpc)]
+            seen["removed"] = [await schedules.remove_schedule(rpc, "nightly") for _ in "12"]
+            seen["missing"] = await schedules.get_schedule(rpc, "nightly")
+        finally:
+            await pool.close()
+        return seen
+
+    with_cron = asyncio.run(scenario(cron_db))
+    assert with_cron["status"].version == "1.4-1" and with_cron["set"].jobid is not None
+    assert with_cron["set"].cron == "0 3 * * *" and with_cron["set"].queue == "email_queue"
+    assert isinstance(with_cron["refused"], schedules.InvalidSchedule)
+    assert "minute field: 60 is outside 0-59" in with_cron["refused"].message
+    assert with_cron["listed"] == ["nightly"] and with_cron["removed"] == [True, False]
+    assert with_cron["missing"] is None
+
+    without = asyncio.run(scenario(db))
+    assert without["status"] == schedules.CronStatus()
+    assert isinstance(without["refused"], schedules.CronUnavailable)
+    assert "Dashboard > Integrations > Cron" in (without["refused"].hint or "")
+    assert without["listed"] == [] and without["removed"] == [False, False]
 
 
 # -- the manual API -------------------------------------------------------------------
