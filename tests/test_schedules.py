@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import tempfile
 import time
@@ -484,6 +485,23 @@ def test_the_weekly_report_mails_last_weeks_payments(
     assert filename == f"payments_summary_{end - timedelta(days=7)}_{end}.csv"
     assert [row[3] for row in rows[1:]] == ["pi_first", "pi_last"]
     assert mail["To"] == "finance@example.com"
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "guides" / "schedules.md"
+
+
+def docs_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+
+
+def test_the_docs_weekly_report_is_the_example_tested_here(cron_db: Database) -> None:
+    assert json.loads(docs_blocks("json")[0]) == WEEKLY_REPORT
+    with cron_db.connect(role="service_role") as conn:
+        conn.execute(docs_blocks("sql")[0])  # type: ignore[arg-type]
+        listed = conn.execute(
+            "select name, cron, queue_name, job from queue_worker.list_schedules()"
+        ).fetchall()
+    assert listed == [("weekly-payments-summary", *WEEKLY_REPORT.values())]
 
 
 @pytest.mark.parametrize(
