@@ -45,6 +45,9 @@ create table if not exists queue_worker.schedules (
 comment on table queue_worker.schedules is
   'Jobs enqueued on a schedule by pg_cron (queue_worker.schedule). Written and read through the schedule functions only.';
 revoke all on queue_worker.schedules from public, anon, authenticated, service_role;
+-- The schema is exposed to the API: row security with no policy keeps the table shut
+-- even to a role granted rights on it by mistake. The owner's functions are unaffected.
+alter table queue_worker.schedules enable row level security;
 
 -- cron_status: whether pg_cron is there for the schedule functions, and how it reads
 -- schedules. `usable` is whether the owner (who schedules the jobs) may use schema
