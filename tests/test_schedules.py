@@ -14,14 +14,11 @@ minute; the others call what pg_cron would call (`queue_worker.run_schedule`) or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,6 @@ import psycopg
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
 from app.main import create_app
 from app.processors.reports import PaymentsSummaryParams
 from app.queue import schedules
@@ -46,7 +42,7 @@ from tests.support.cron import (
 )
 from tests.support.pg_net import PgNetSender, running_sender
 from tests.support.postgres import OWNER_ROLE, Database, bootstrap, reset
-from tests.support.process import ServiceProcess
+from tests.support.process import service_process
 from tests.support.rpc_gateway import GatewayHandle, running_gateway
 from tests.support.scrape import sample
 from tests.support.servers import serve_in_thread
@@ -547,20 +543,6 @@ def run_details(db: Database, name: str) -> list[tuple[str, str]]:
         ).fetchall()
 
 
-@contextlib.contextmanager
-def replicas(settings: Settings, count: int) -> Iterator[list[ServiceProcess]]:
-    """`count` service processes, started side by side (each takes seconds to import)."""
-    with tempfile.TemporaryDirectory(prefix="qw-replicas-") as tmp:
-        processes = [ServiceProcess(settings, Path(tmp)) for _ in range(count)]
-        try:
-            with ThreadPoolExecutor(count) as pool:
-                list(pool.map(ServiceProcess.start, processes))
-            yield processes
-        finally:
-            for process in processes:
-                process.stop()
-
-
 @pytest.mark.timeout(240)
 def test_every_minute_schedule_is_processed_once_by_two_replicas(
     cron_db: Database,
@@ -580,10 +562,11 @@ def test_every_minute_schedule_is_processed_once_by_two_replicas(
     with cron_db.connect(role=OWNER_ROLE) as conn:
         conn.execute("select pgmq.drop_queue('doomed_queue')")
 
-    # The replicas start while pg_cron's minute runs: a job enqueued before they are up
-    # waits in the queue for their first sweep, as it would for a deploy.
+    # The replicas start while pg_cron's minute runs (one after the other, each taking
+    # seconds to import): a job enqueued before they are up waits in the queue for their
+    # first sweep, as it would during a deploy.
     settings = settings_against(cron_gateway, smtp, mail_from=MAIL_FROM, sweep_interval_seconds=0.5)
-    with replicas(settings, 2) as (first, second):
+    with service_process(settings) as first, service_process(settings) as second:
         # Webhooks ring the first replica; both sweep the queue twice a second.
         register_in_vault(cron_db, first.url, settings.webhook_secret.get_secret_value())
         wait_until(lambda: smtp.messages, timeout=130, what="pg_cron's first run mailed")
