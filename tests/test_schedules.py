@@ -535,11 +535,13 @@ def test_a_period_is_one_of_three_and_never_with_dates(params: dict[str, Any]) -
 
 
 def run_details(db: Database, name: str) -> list[tuple[str, str]]:
+    """pg_cron's record of a schedule's runs, by command (kept after its job is gone)."""
     with db.connect() as conn:
         return conn.execute(
-            "select d.status, d.return_message from cron.job_run_details d "
-            "join cron.job j using (jobid) where j.jobname = %s order by d.runid",
-            [f"queue_worker:{name}"],
+            "select status, return_message from cron.job_run_details "
+            "where command = format('select queue_worker.run_schedule(%%L)', %s::text) "
+            "order by runid",
+            [name],
         ).fetchall()
 
 
