@@ -557,12 +557,12 @@ def test_every_minute_schedule_is_processed_once_by_two_replicas(
     schedule(cron_db, "stopped", "* * * * *", "email_queue", email("must never arrive"))
     with cron_db.connect(role="service_role") as conn:
         conn.execute("select queue_worker.unschedule('stopped')")
-    # A schedule whose queue is dropped fails at run time, and the list says so.
+    # A schedule whose queue is detached fails at run time, and the list says so.
     with cron_db.connect(role=OWNER_ROLE) as conn:
-        conn.execute("select pgmq.create('doomed_queue')")
+        conn.execute("select queue_worker.attach_queue('doomed_queue')")
     schedule(cron_db, "failing", "* * * * *", "doomed_queue", {"n": 1})
     with cron_db.connect(role=OWNER_ROLE) as conn:
-        conn.execute("select pgmq.drop_queue('doomed_queue')")
+        conn.execute("select queue_worker.detach_queue('doomed_queue')")
 
     # The replicas start while pg_cron's minute runs (one after the other, each taking
     # seconds to import): a job enqueued before they are up waits in the queue for their

@@ -239,8 +239,10 @@ comment on function queue_worker.run_schedule(text) is
 
 -- schedule: create or replace a schedule: enqueue `job` into `queue` on `cron`.
 -- Returns the pg_cron job id. A name already scheduled gets the new expression, queue
--- and job (its pg_cron job is kept). Class 22 and P0001 errors for bad arguments;
--- 0A000 when pg_cron is not enabled or not usable by the owner.
+-- and job (its pg_cron job is kept). The queue is any queue the worker's functions
+-- accept (queue_worker.queue_table: an attached queue), so running as the owner never
+-- reaches a queue service_role has no rights on. Class 22 and P0001 errors for bad
+-- arguments; 0A000 when pg_cron is not enabled or not usable by the owner.
 create or replace function queue_worker.schedule(name text, cron text, queue text, job jsonb)
 returns bigint
 language plpgsql
