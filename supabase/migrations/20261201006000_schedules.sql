@@ -1,10 +1,10 @@
 -- queue-worker: jobs on a schedule, with pg_cron (Supabase Cron).
 --
---   select queue_worker.schedule('weekly-payments-summary', '0 9 * * 1', 'reports_queue',
---     '{"report": "payments_summary", "recipient": "finance@example.com",
---       "params": {"period": "last_week"}}');
+--   select queue_worker.schedule(<name>, <cron expression>, <attached queue>, <job>);
 --   select * from queue_worker.list_schedules();
---   select queue_worker.unschedule('weekly-payments-summary');
+--   select queue_worker.unschedule(<name>);
+--
+-- docs/guides/schedules.md sets the weekly payments report this way.
 --
 -- schedule() keeps the job in queue_worker.schedules and asks pg_cron to run
 --   select queue_worker.run_schedule('<name>')
