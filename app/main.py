@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 
 from app import __version__, local
-from app.api import ROUTERS, queues
+from app.api import ROUTERS, queues, schedules
 from app.api.deps import Services
 from app.api.errors import ApiError, invalid_request
 from app.api.limits import BodyLimits, body_caps
@@ -203,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runner=runner,
                 sweeper=sweeper,
                 queue_stats=QueueStats(backend, max_age=settings.metrics_cache_seconds),
+                rpc=rpc,
             )
             drained = asyncio.Event()
 
@@ -263,6 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     if settings.api_token is not None:
         app.include_router(queues.router)
+        app.include_router(schedules.router)
     return app
 
 

@@ -22,10 +22,11 @@ from psycopg import sql
 from tests.support.postgres import Database
 from tests.support.rpc_gateway import RpcGateway
 
-# Called only by the migrations, as the owner: service_role is refused too. They
-# change the schema (record migrations, create queues, triggers, grants), which
-# the service, holding the secret key, never does.
-OWNER_ONLY = {"record_migration", "attach_queue", "detach_queue"}
+# Called only as the owner: service_role is refused too. The migrations' helpers
+# change the schema (record migrations, create queues, triggers, grants), which the
+# service, holding the secret key, never does; pg_cron runs a schedule's job, and
+# schedule() checks its expression, as the owner.
+OWNER_ONLY = {"record_migration", "attach_queue", "detach_queue", "run_schedule", "cron_expression"}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from app.config import Settings
 from app.mail import Mailer
 from app.metrics import QueueStats
 from app.processors import Registry
-from app.queue.backend import QueueBackend
+from app.queue.backend import QueueBackend, RpcCaller
 from app.worker import Runner, Sweeper
 
 
@@ -28,6 +28,8 @@ class Services:
     runner: Runner
     sweeper: Sweeper
     queue_stats: QueueStats
+    # The worker's schema functions by name (schedules call them).
+    rpc: RpcCaller
     # Signed webhook ids seen lately (per process; see app/api/signatures.py).
     replays: ReplayCache = field(default_factory=ReplayCache)
 

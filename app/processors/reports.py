@@ -5,6 +5,10 @@
  "params": {"from": "2026-11-01", "to": "2026-12-01", "currency": "EUR"}, "locale": "ru"}
 ```
 
+A scheduled report names a period relative to the job instead of dates:
+`"params": {"period": "last_week"}` (also `yesterday`, `last_month`), turned into dates
+from the day (UTC) the job was enqueued, so a retry the next day reports the same week.
+
 Each report type has a row in `REPORTS`: the model of its params, checked before any
 RPC, and how its data becomes a mail. The data comes from the function
 `queue_worker.report_<type>(params jsonb) returns jsonb` (supabase/migrations), which
@@ -27,7 +31,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -76,11 +80,14 @@ class ReportType(Generic[P]):
     """A report: the model of its params, and how its function's result becomes a Report.
 
     `build(params, data, locale)` runs in a worker thread; it raises ValueError when
-    `data` is not what the function should return.
+    `data` is not what the function should return. `resolve(params, day)`, when given,
+    turns relative params into the absolute ones the function takes, as of `day` (the
+    UTC date the job was enqueued).
     """
 
     params: type[P]
     build: Callable[[P, Any, str], Report]
+    resolve: Callable[[P, date], P] | None = None
 
 
 def build_csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
@@ -121,21 +128,57 @@ def _iso_date(value: object) -> object:
 IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 
 
+Period = Literal["yesterday", "last_week", "last_month"]
+
+
 class PaymentsSummaryParams(BaseModel):
-    """`from` (inclusive) and `to` (exclusive) are UTC dates; currency and status filter."""
+    """`from` (inclusive) and `to` (exclusive) are UTC dates; currency and status filter.
+
+    Or `period` instead of the dates: `yesterday`, `last_week` (Monday to Sunday) or
+    `last_month`, as of the day the job was enqueued (`resolved()`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    from_: IsoDate = Field(alias="from")
-    to: IsoDate
+    from_: IsoDate | None = Field(None, alias="from")
+    to: IsoDate | None = None
+    period: Period | None = None
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
     status: PaymentStatus | None = None
 
     @model_validator(mode="after")
     def _period(self) -> PaymentsSummaryParams:
+        if self.period is not None:
+            if self.from_ is not None or self.to is not None:
+                raise ValueError("give either period or from and to, not both")
+            return self
+        if self.from_ is None or self.to is None:
+            raise ValueError(
+                "from and to are required (or a period: yesterday, last_week, last_month)"
+            )
         if self.to <= self.from_:
             raise ValueError("to must be after from (to is exclusive)")
         return self
+
+    def resolved(self, day: date) -> PaymentsSummaryParams:
+        """These params with `period` turned into dates, as of `day`."""
+        if self.period is None:
+            return self
+        if self.period == "yesterday":
+            start, end = day - timedelta(days=1), day
+        elif self.period == "last_week":
+            end = day - timedelta(days=day.weekday())
+            start = end - timedelta(days=7)
+        else:
+            end = day.replace(day=1)
+            start = (end - timedelta(days=1)).replace(day=1)
+        return self.model_copy(update={"from_": start, "to": end, "period": None})
+
+    def dates(self) -> tuple[date, date]:
+        """`[from, to)`; only for resolved params."""
+        if self.from_ is None or self.to is None:
+            raise ValueError("params with a period must be resolved first")
+        return self.from_, self.to
 
 
 class _Total(BaseModel):
@@ -223,6 +266,7 @@ def period_text(start: date, end: date, locale: str) -> str:
 
 
 def _payments_summary(params: PaymentsSummaryParams, data: Any, locale: str) -> Report:
+    start, end = params.dates()
     try:
         summary = _PaymentsSummary.model_validate(data)
     except ValidationError as error:
@@ -233,7 +277,7 @@ def _payments_summary(params: PaymentsSummaryParams, data: Any, locale: str) -> 
     title = texts["title"] + (f" ({', '.join(filters)})" if filters else "")
     return Report(
         title=title,
-        period=period_text(params.from_, params.to, locale),
+        period=period_text(start, end, locale),
         columns=list(texts["columns"]),
         rows=[
             [
@@ -259,13 +303,15 @@ def _payments_summary(params: PaymentsSummaryParams, data: Any, locale: str) -> 
             ]
             for p in summary.payments
         ],
-        filename=f"payments_summary_{params.from_}_{params.to}.csv",
+        filename=f"payments_summary_{start}_{end}.csv",
     )
 
 
 # Report type -> its params model and builder. Its data comes from report_<type>.
 REPORTS: dict[str, ReportType[Any]] = {
-    "payments_summary": ReportType(PaymentsSummaryParams, _payments_summary),
+    "payments_summary": ReportType(
+        PaymentsSummaryParams, _payments_summary, PaymentsSummaryParams.resolved
+    ),
 }
 
 
@@ -365,6 +411,8 @@ class ReportsProcessor:
         job = parse_job(self.model, message)
         kind = REPORTS[job.report]  # the model accepts known types only
         params = _params(job)
+        if kind.resolve is not None:
+            params = kind.resolve(params, message.enqueued_at.astimezone(UTC).date())
         function = f"report_{job.report}"
         arguments = params.model_dump(mode="json", by_alias=True, exclude_none=True)
         try:
