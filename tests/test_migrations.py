@@ -35,6 +35,7 @@ DEFINERS = {
     "list_schedules",
     "cron_status",
     "enqueue",  # the app's users enqueue on allowed queues without rights on the tables
+    "preflight",  # `queue-worker check` learns which Vault secrets are set (names only)
 }
 
 # What pgmq 1.5.1 offers (SUPABASE-FACTS.md); the migrations may call nothing else.
