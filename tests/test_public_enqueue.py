@@ -77,7 +77,9 @@ def test_nobody_but_service_role_enqueues_until_the_owner_allows(
     user = rpc_enqueue(gateway, as_user(gateway), queue_name=contact_queue, message=JOB)
     assert user.status_code == 403
     assert user.json()["code"] == "42501"
-    assert user.json()["message"] == "queue contact_queue does not take jobs from role authenticated"
+    assert (
+        user.json()["message"] == "queue contact_queue does not take jobs from role authenticated"
+    )
     anon = rpc_enqueue(gateway, as_anon(gateway), queue_name=contact_queue, message=JOB)
     assert (anon.status_code, anon.json()["code"]) == (401, "42501")
     # A queue that does not exist, or is not attached, is refused alike: callers learn
@@ -189,7 +191,9 @@ def test_only_the_owner_says_who_may_enqueue(db: Database, contact_queue: str) -
         with db.connect(role=role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("select queue_worker.allow_enqueue(%s)", [contact_queue])
     with db.connect(role=OWNER_ROLE) as conn:
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="no such role: authenticted"):
+        with pytest.raises(
+            psycopg.errors.InvalidParameterValue, match="no such role: authenticted"
+        ):
             conn.execute("select queue_worker.allow_enqueue(%s, array['authenticted'])", [QUEUE])
         with pytest.raises(psycopg.errors.RaiseException, match="unknown queue"):
             conn.execute("select queue_worker.allow_enqueue('nope_queue')")
