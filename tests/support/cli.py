@@ -56,6 +56,8 @@ def run_cli(
     if command is None:
         environment["PYTHONPATH"] = str(ROOT)
         command = [sys.executable, "-m", "app.cli"]
+    else:
+        environment.pop("PYTHONPATH", None)  # only what `command` itself has installed
     if settings is not None:
         environment.update(settings_env(settings))
     environment.update(env or {})
