@@ -7,8 +7,12 @@ answers are compared with that API's answers for the same request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +22,11 @@ import pytest
 from app import __version__
 from app.config import Settings
 from tests.conftest import ServiceFactory
-from tests.support.cli import Ran, run_cli
+from tests.support.cli import ROOT, Ran, clean_environment, run_cli
 from tests.support.postgres import OWNER_ROLE, Database
+from tests.support.process import settings_env
+from tests.support.servers import bound_socket
+from tests.support.waiting import wait_until
 from tests.test_e2e import enqueue, queue_rows
 
 JOB = {"to": "ops@example.com", "subject": "From the CLI", "text": "hello"}
@@ -245,3 +252,46 @@ def test_verbs_work_over_database_url_too(
     assert ran.code == 0, ran.err
     depth = cli(settings, tmp_path, "queues", "--json").json()["queues"]
     assert next(q for q in depth if q["queue"] == "email_queue")["length"] == 1
+
+
+def test_an_env_file_reaches_every_worker_process(
+    service_settings: Settings, tmp_path: Path
+) -> None:
+    """`--env-file` with WORKERS=2: each worker process reads the same settings."""
+    with contextlib.closing(bound_socket()) as sock:
+        port = sock.getsockname()[1]
+    values = {**settings_env(service_settings), "WORKERS": "2", "LOG_FORMAT": "text"}
+    (tmp_path / "prod.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    log_path = tmp_path / "service.log"
+    environment = {**clean_environment(), "PYTHONPATH": str(ROOT)}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "--env-file",
+                "prod.env",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def both_started() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            return log_path.read_text().count("queue-worker started") == 2
+
+        wait_until(both_started, timeout=120, what="two worker processes")
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert "invalid configuration" not in log_path.read_text()

@@ -8,6 +8,7 @@ mode's embedded database around the server.
 from __future__ import annotations
 
 import argparse
+import os
 
 from app.cli.common import FAILURE, OK, USAGE, Verbs, fail, settings
 
@@ -38,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
         port=getattr(args, "port", None),
         workers=getattr(args, "workers", None),
     )
+    if args.env_file is not None and config.workers > 1:
+        # Worker processes read their settings again, from the environment and ./.env:
+        # the env file's values go into the environment they inherit (set ones win).
+        from dotenv import dotenv_values
+
+        for name, value in dotenv_values(args.env_file).items():
+            if value is not None:
+                os.environ.setdefault(name.upper(), value)
     # An unknown queue is refused before anything starts (exit 2).
     try:
         served_queues(config)
