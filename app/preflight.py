@@ -35,8 +35,9 @@ URL_SECRET: Final = "queue_worker_url"
 BEARER_SECRET: Final = "queue_worker_webhook_secret"
 SIGNING_SECRET: Final = "queue_worker_signing_secret"
 EXPOSE_SCHEMA_FIX: Final = (
-    "Dashboard > Project Settings > Data API (formerly Settings > API) > Exposed schemas: "
-    'add {schema}; with the Supabase CLI, supabase/config.toml: [api] schemas = ["public", '
+    "Dashboard > the Data API settings (Project Settings > Data API, or Integrations > Data "
+    "API > Settings; Settings > API in older dashboards) > Exposed schemas: add {schema}; "
+    'with the Supabase CLI, supabase/config.toml: [api] schemas = ["public", '
     '"graphql_public", "{schema}"], then `supabase stop && supabase start`'
 )
 KEY_FIX: Final = (
