@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,20 @@ def test_installed_local_mode_runs_jobs_and_passes_its_check(
     assert ran.code == 0, ran.out + ran.err
     statuses = {line.split()[0] for line in ran.lines}
     assert statuses == {"OK", "N/A"}, ran.out
+
+    # The CLI page's enqueue example, as written, then the queue and its dead letters.
+    [example] = [
+        line
+        for line in (ROOT / "docs" / "reference" / "cli.md").read_text().splitlines()
+        if line.startswith("queue-worker enqueue email_queue '")
+    ]
+    args = shlex.split(example)[1:]
+    enqueued = run_cli(*args, cwd=tmp_path, command=installed.command(), env=worker.env)
+    assert enqueued.code == 0, enqueued.err
+    assert len(wait_until(lambda: len(outbox(data)) == 2 and outbox(data), what="mail 2")) == 2
+    for verb in (["queues"], ["dead", "email_queue"]):
+        listed = run_cli(*verb, cwd=tmp_path, command=installed.command(), env=worker.env)
+        assert listed.code == 0, listed.err
     assert worker.ctrl_c() == 0
 
 
