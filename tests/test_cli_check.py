@@ -228,3 +228,13 @@ def test_bad_settings_exit_2_with_the_variable_named(ready: Settings, tmp_path: 
         "FAIL  settings  invalid configuration: QUEUES: no processor for 'sms_queue'"
     )
     assert failure.endswith("Fix: set the variables it names (.env.example lists them)")
+
+
+def test_over_database_url_the_same_checks_pass(
+    db: Database, ready: Settings, tmp_path: Path
+) -> None:
+    direct = ready.model_copy(update={"database_url": db.url_as(OWNER_ROLE), "supabase_url": None})
+    ran = check(direct, tmp_path)
+    assert ran.code == 0, ran.out + ran.err
+    assert line(ran, "database").startswith("OK    database          DATABASE_URL connects")
+    assert status(ran, "webhook triggers") == "OK" and status(ran, "vault secrets") == "OK"
