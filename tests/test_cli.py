@@ -114,9 +114,27 @@ def test_enqueue_validates_as_the_manual_api_does(
     assert refused.err.strip() == f"queue-worker: {api.json()['message']}"
     assert queue_rows(db) == []
 
-    ran = cli(service_settings, tmp_path, "enqueue", "email_queue", json.dumps(JOB), "--json")
+    ran = cli(
+        service_settings,
+        tmp_path,
+        "enqueue",
+        "email_queue",
+        json.dumps(JOB),
+        "--json",
+        "--idempotency-key",
+        "order-42-receipt",
+    )
     assert ran.code == 0, ran.err
     msg_id = ran.json()["msg_id"]
+    with db.connect() as conn:
+        stored = conn.execute(
+            "select headers from pgmq.q_email_queue where msg_id = %s", [msg_id]
+        ).fetchone()
+    assert stored == ({"idempotency_key": "order-42-receipt"},)
+    spaced = cli(
+        service_settings, tmp_path, "enqueue", "email_queue", "{}", "--idempotency-key", " x"
+    )
+    assert spaced.code == 1 and "idempotency key: 1 to 255 printable ASCII" in spaced.err
     (tmp_path / "job.json").write_text(json.dumps({**JOB, "subject": "From a file"}))
     from_file = cli(service_settings, tmp_path, "enqueue", "email_queue", "@job.json")
     assert from_file.code == 0, from_file.err

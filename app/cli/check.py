@@ -90,4 +90,7 @@ def run(args: argparse.Namespace) -> int:
         results.extend(asyncio.run(go()))
     except LocalModeError as error:
         results.append(preflight.failed("database", str(error)))
+    except ConfigError as error:  # queues.toml: a processor's factory refused to start
+        _print([preflight.failed("settings", str(error))], args.json)
+        return USAGE
     return _print(results, args.json)

@@ -65,6 +65,12 @@ def register(verbs: Verbs) -> None:
         metavar="SECONDS",
         help=f"run it no sooner than this (0 to {MAX_DELAY_SECONDS})",
     )
+    enqueue.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a later job with the same key, after this one succeeded, is not run "
+        "(the manual API's Idempotency-Key)",
+    )
     add_json_flag(enqueue)
     enqueue.set_defaults(run=run_enqueue)
 
@@ -116,6 +122,7 @@ def _call(args: argparse.Namespace, operation: Callable[[Opened], Awaitable[T]])
 
 
 def _run(config: Settings, operation: Callable[[Opened], Awaitable[T]]) -> T:
+    from app.config import ConfigError
     from app.local import LocalModeError
     from app.logs import configure
     from app.queue.rpc import RpcError
@@ -134,6 +141,8 @@ def _run(config: Settings, operation: Callable[[Opened], Awaitable[T]]) -> T:
         raise fail(f"the queue database call failed: {error}") from None
     except LocalModeError as error:
         raise fail(str(error)) from None
+    except ConfigError as error:  # queues.toml: a processor's factory refused to start
+        raise fail(str(error), USAGE) from None
 
 
 def run_queues(args: argparse.Namespace) -> int:
@@ -186,7 +195,14 @@ def run_enqueue(args: argparse.Namespace) -> int:
     job = read_job(args.job, config.max_api_body_bytes)
     msg_id = _run(
         config,
-        lambda s: operations.enqueue(s.backend, s.processors, args.queue, job, args.delay),
+        lambda s: operations.enqueue(
+            s.backend,
+            s.processors,
+            args.queue,
+            job,
+            args.delay,
+            idempotency_key=args.idempotency_key,
+        ),
     )
     if args.json:
         emit_json({"queue": args.queue, "msg_id": msg_id})
