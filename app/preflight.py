@@ -290,23 +290,36 @@ def _secret(settings: Settings, facts: dict[str, Any]) -> Result:
 def _triggers(settings: Settings, facts: dict[str, Any], queues: Sequence[str]) -> Result:
     name = "webhook triggers"
     found = facts.get("queues") or {}
-    absent = [q for q in sorted(queues) if not (found.get(q) or {}).get("exists")]
+
+    def fact(queue: str, key: str) -> bool:
+        return bool((found.get(queue) or {}).get(key))
+
+    absent = [q for q in sorted(queues) if not fact(q, "exists")]
+    detached = [q for q in sorted(queues) if q not in absent and not fact(q, "attached")]
     untriggered = [
-        q for q in sorted(queues) if q not in absent and not (found.get(q) or {}).get("trigger")
+        q for q in sorted(queues) if q not in absent + detached and not fact(q, "trigger")
     ]
-    if not absent and not untriggered:
+    if not absent and not detached and not untriggered:
         return ok(name, "on " + ", ".join(sorted(queues)))
     problems = []
     if absent:
         problems.append("no such queue: " + ", ".join(absent))
+    if detached:
+        problems.append("not attached: " + ", ".join(detached))
     if untriggered:
         problems.append("no webhook trigger on " + ", ".join(untriggered))
-    return failed(
-        name,
-        "; ".join(problems),
-        "apply the queue-worker migrations (they create the built-in queues and their "
-        "triggers): " + apply_fix(settings),
+    attach = " ".join(f"select queue_worker.attach_queue('{q}');" for q in absent + detached)
+    fix = (
+        "in a migration of your project, "
+        + (attach or "select queue_worker.attach_queue('<queue>');")
+        + " (it creates the queue if missing, its trigger and its grants)"
     )
+    if untriggered and not attach:
+        fix = (
+            " ".join(f"select queue_worker.attach_queue('{q}');" for q in untriggered)
+            + " in a migration puts the trigger back"
+        )
+    return failed(name, "; ".join(problems), fix)
 
 
 # -- mail ---------------------------------------------------------------------

@@ -238,3 +238,22 @@ def test_over_database_url_the_same_checks_pass(
     assert ran.code == 0, ran.out + ran.err
     assert line(ran, "database").startswith("OK    database          DATABASE_URL connects")
     assert status(ran, "webhook triggers") == "OK" and status(ran, "vault secrets") == "OK"
+
+
+def test_a_queue_of_ones_own_not_attached(db: Database, ready: Settings, tmp_path: Path) -> None:
+    # queues.toml serves sms_queue, but no migration attached it.
+    (tmp_path / "queues.toml").write_text(
+        '[queues.email_queue]\nprocessor = "email"\n\n'
+        '[queues.sms_queue]\nprocessor = "forward"\nurl = "https://example.net/send-sms"\n'
+    )
+    ran = check(ready, tmp_path)
+    failure = only_failure(ran, "webhook triggers")
+    assert "no such queue: sms_queue" in failure
+    assert "select queue_worker.attach_queue('sms_queue');" in failure
+    assert "queues email_queue, sms_queue" in line(ran, "settings")
+    # Created by pgmq but never attached (or detached since): the worker's functions refuse it.
+    with db.connect(role=OWNER_ROLE) as conn:
+        conn.execute("select pgmq.create('sms_queue')")
+    failure = only_failure(check(ready, tmp_path), "webhook triggers")
+    assert "not attached: sms_queue" in failure
+    assert "select queue_worker.attach_queue('sms_queue');" in failure

@@ -19,7 +19,8 @@
 -- Returns {"pg_net": bool, "vault": bool, "secrets": [names set and not empty],
 --          "secret_matches": bool or null (nothing to compare),
 --          "signs": bool (the trigger signs rather than sending a bearer secret),
---          "queues": {"<name>": {"exists": bool, "trigger": bool}}}.
+--          "queues": {"<name>": {"exists": bool, "attached": bool, "trigger": bool}}}
+-- ("attached": in queue_worker.queues, 20261201003000_queue_catalogue.sql).
 create or replace function queue_worker.preflight(
   queue_names text[],
   secret_digests text[] default '{}'
@@ -76,6 +77,7 @@ begin
     v_table := pg_catalog.to_regclass(pg_catalog.format('pgmq.%I', 'q_' || q));
     v_queues := v_queues || pg_catalog.jsonb_build_object(q, pg_catalog.jsonb_build_object(
       'exists', v_table is not null,
+      'attached', exists (select from queue_worker.queues c where c.queue_name = q),
       -- Any enabled trigger of the worker's schema on the queue table rings the doorbell.
       'trigger', v_table is not null and exists (
         select from pg_catalog.pg_trigger t
@@ -96,7 +98,7 @@ begin
 end
 $$;
 comment on function queue_worker.preflight(text[], text[]) is
-  'What `queue-worker check` needs from the database: pg_net present, Vault secret names set, whether the sent webhook secret matches, each queue''s existence and webhook trigger. Booleans and names only. Callable by service_role.';
+  'What `queue-worker check` needs from the database: pg_net present, Vault secret names set, whether the sent webhook secret matches, each queue''s existence, attachment and webhook trigger. Booleans and names only. Callable by service_role.';
 revoke all on function queue_worker.preflight(text[], text[]) from public, anon, authenticated;
 grant execute on function queue_worker.preflight(text[], text[]) to service_role;
 
