@@ -28,8 +28,11 @@ WORKDIR /src
 COPY pyproject.toml uv.lock ./
 RUN uv sync --locked --no-dev --no-install-project
 # Then the project itself, as a regular (non-editable) install: the runtime stage has no
-# /src. README.md is read by the build backend (pyproject `readme`).
+# /src. README.md is read by the build backend (pyproject `readme`); the migrations are
+# built into the package as app/migrations/ (pyproject `force-include`), so the image
+# can run `queue-worker migrate` and `queue-worker check` with no checkout.
 COPY README.md ./
+COPY supabase/migrations ./supabase/migrations
 COPY app ./app
 RUN uv sync --locked --no-dev --no-editable
 

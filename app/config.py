@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,6 +29,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+# Where local mode listens when HOST is not set.
+LOCAL_HOST = "127.0.0.1"
 
 # Shorter webhook secrets are refused: the secret is the only thing standing between
 # the internet and the job queue.
@@ -60,6 +63,29 @@ def is_placeholder(value: str) -> bool:
         or any(word in text for word in _PLACEHOLDER_WORDS)
         or text in _PLACEHOLDER_VALUES
         or len(set(text)) == 1
+    )
+
+
+def is_template_text(value: str) -> bool:
+    """True for a non-secret value left as a template wrote it: `<...>` (as in .env.example)
+    or a placeholder word like `change-me`. An empty value is unset, not a template."""
+    text = value.strip().lower()
+    if not text:
+        return False
+    return (text.startswith("<") and text.endswith(">")) or any(
+        word in text for word in _PLACEHOLDER_WORDS
+    )
+
+
+def is_template_address(value: str) -> bool:
+    """`is_template_text`, or an address with a `your-...` part (`noreply@your-domain.com`).
+
+    Reserved example domains (example.com, RFC 2606) are not refused: the tests and
+    local mode's outbox use them, and a real provider refuses them at MAIL FROM anyway.
+    """
+    parts = re.split(r"[@.]", value.strip().lower())
+    return is_template_text(value) or any(
+        part == "your" or part.startswith(("your-", "your_")) for part in parts
     )
 
 
@@ -174,7 +200,9 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     metrics_cache_seconds: float = Field(5.0, ge=0)
 
-    # Server
+    # Server. HOST unset: 0.0.0.0 (every interface, as a container needs), but
+    # 127.0.0.1 in local mode, so a laptop does not expose the API and /metrics to
+    # its network (see _local_binds_loopback).
     host: str = "0.0.0.0"
     port: Port = 8000
     # uvicorn worker processes started by `queue-worker`; each runs its own runner
@@ -194,6 +222,35 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(1000, ge=1, le=1_000_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("mail_from", "smtp_host", "smtp_user", mode="before")
+    @classmethod
+    def _not_a_template_address(cls, value: object) -> object:
+        # .env.example's `MAIL_FROM=<noreply@example.com>` would otherwise go out as
+        # the sender: refused like a placeholder secret.
+        if isinstance(value, str) and is_template_address(value):
+            raise ValueError(
+                "looks like a placeholder from a template (<...>, your-...), not a real value"
+            )
+        return value
+
+    @field_validator("mail_from_name", mode="before")
+    @classmethod
+    def _not_a_template_name(cls, value: object) -> object:
+        if isinstance(value, str) and is_template_text(value):
+            raise ValueError("looks like a placeholder from a template (<...>), not a real name")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        # LOG_LEVEL=info works as INFO does.
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("smtp_host", "mail_from", mode="wrap")
     @classmethod
@@ -265,6 +322,12 @@ class Settings(BaseSettings):
                     "SUPABASE_SERVICE_ROLE_KEY is a JWT for role "
                     f"{claims.get('role')!r}; the worker needs the service_role key"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _local_binds_loopback(self) -> Settings:
+        if "host" not in self.model_fields_set and self.local_mode:
+            self.__dict__["host"] = LOCAL_HOST  # frozen: set once, while validating
         return self
 
     @model_validator(mode="after")

@@ -10,8 +10,8 @@ in DATA_DIR (`./.queue-worker/`):
 
 At every start the database gets what the project's migrations need from a
 Supabase project (app/local.sql), pgmq from the SQL bundled in the `pgmq` wheel
-(installed once), then the migrations themselves (supabase/migrations/*.sql,
-idempotent, applied in file-name order), and pgmq's insert notifications: new
+(installed once), then the migrations themselves (the SQL this release ships,
+app/schema.py: idempotent, applied in file-name order), and pgmq's insert notifications: new
 messages wake the worker through LISTEN/NOTIFY (`InsertWakeups`), so no webhook
 is needed. The service then talks to the database through `SqlQueue`.
 """
@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 from pydantic import SecretStr
 
+from app import schema
 from app.config import Settings
 from app.queue.rpc import RpcError
 from app.worker import Runner
@@ -43,9 +44,6 @@ ROOT = Path(__file__).resolve().parent
 DATABASE: Final = "queue_worker"
 TOKEN_FILE: Final = "api_token"
 LOCAL_SETUP = ROOT / "local.sql"
-# An installed wheel carries the migrations inside the package (pyproject.toml,
-# force-include); a checkout has them where users find them.
-MIGRATION_DIRS = (ROOT / "migrations", ROOT.parent / "supabase" / "migrations")
 
 # pgmq (>= 1.10) notifies `pgmq.q_<queue>.INSERT` after each insert; a throttle of
 # 0 ms notifies every insert, so none is left waiting for the sweeper.
@@ -68,15 +66,12 @@ def outbox_dir(data_dir: Path) -> Path:
     return data_dir / "outbox"
 
 
-def migration_files() -> list[Path]:
-    for directory in MIGRATION_DIRS:
-        files = sorted(directory.glob("*.sql"))
-        if files:
-            return files
-    raise LocalModeError(
-        "local mode: the migrations (supabase/migrations/*.sql) were not found; "
-        "run the service from a checkout of the repository"
-    )
+def migration_files() -> list[schema.Migration]:
+    """The migrations this release ships (in the package, or a checkout's)."""
+    try:
+        return schema.migrations()
+    except schema.MigrationsNotFound as error:
+        raise LocalModeError(f"local mode: {error}") from None
 
 
 def pgmq_install_sql() -> Path:
@@ -205,7 +200,7 @@ def _create_database(admin_url: str) -> None:
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
 
 
-def _prepare(url: str, install: Path, migrations: list[Path]) -> None:
+def _prepare(url: str, install: Path, migrations: list[schema.Migration]) -> None:
     """Supabase's shape, pgmq (once), the migrations and insert notifications."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(LOCAL_SETUP.read_text())
@@ -213,13 +208,13 @@ def _prepare(url: str, install: Path, migrations: list[Path]) -> None:
         if not (installed and installed[0]):
             log.info("installing pgmq", extra={"path": str(install)})
             conn.execute(install.read_text())
-        for path in migrations:
+        for migration in migrations:
             try:
-                conn.execute(path.read_text())
+                conn.execute(migration.sql.encode())
             except psycopg.Error as error:
                 first_line = str(error).strip().splitlines()[0]
                 raise LocalModeError(
-                    f"local mode: migration {path.name} failed: {first_line}"
+                    f"local mode: migration {migration.filename} failed: {first_line}"
                 ) from None
         conn.execute(ENABLE_NOTIFY)
 

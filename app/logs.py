@@ -24,6 +24,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "asctime",
     "taskName",
     "request_id",
+    # uvicorn's copy of its message with terminal colour codes: noise in a log file.
+    "color_message",
 }
 
 

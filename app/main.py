@@ -19,11 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, local
-from app.api import ROUTERS, queues, schedules
+from app.api import queues, routers, schedules
 from app.api.deps import Services
-from app.api.errors import ApiError, invalid_request
+from app.api.errors import ApiError, http_error, internal_error, invalid_request
 from app.api.limits import BodyLimits, body_caps
 from app.config import ConfigError, Settings, load_settings
 from app.logs import RequestIdMiddleware, configure
@@ -257,10 +258,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RpcError, _rpc_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    # Every other error answer in the same shape: 404, 405, and a 500 from a bug.
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     # Added first so it runs inside RequestIdMiddleware: refusals carry a request id too.
     app.add_middleware(BodyLimits, cap=body_caps(settings))
     app.add_middleware(RequestIdMiddleware)
-    for router in ROUTERS:
+    for router in routers(settings):
         app.include_router(router)
     if settings.api_token is not None:
         app.include_router(queues.router)

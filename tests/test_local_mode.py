@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 
 from app.config import ConfigError, load_settings
 from app.local import EmbeddedDatabase
-from tests.support.servers import bound_socket
+from tests.support.servers import bound_socket, listening_addresses
 from tests.support.settings import SERVICE_VARIABLES
 from tests.support.waiting import wait_until
 
@@ -52,21 +52,27 @@ def clean_environment() -> dict[str, str]:
 class LocalWorker:
     """`queue-worker` (app.cli) in `cwd` with nothing configured but where it listens."""
 
-    def __init__(self, cwd: Path, **settings: str) -> None:
+    def __init__(
+        self, cwd: Path, *, command: list[str] | None = None, **settings: str | None
+    ) -> None:
         with contextlib.closing(bound_socket()) as sock:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.cwd = cwd
-        self.env = {
+        # `command`: another way to start it (an installed console script); without
+        # it the checkout's package runs. A setting given as None is left unset.
+        self.command = command or [sys.executable, "-m", "app.cli"]
+        environment = {
             **clean_environment(),
-            "PYTHONPATH": str(ROOT),
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "LOG_FORMAT": "text",
             # Parked: only a LISTEN/NOTIFY wake-up can run a job while a test waits.
             "SWEEP_INTERVAL_SECONDS": "3600",
+            **({} if command else {"PYTHONPATH": str(ROOT)}),
             **settings,
         }
+        self.env = {key: value for key, value in environment.items() if value is not None}
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -84,7 +90,7 @@ class LocalWorker:
             # A session of its own, like a terminal's foreground job: Ctrl-C is a
             # SIGINT to the whole process group.
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli"],
+                self.command,
                 cwd=self.cwd,
                 env=self.env,
                 stdout=log,
@@ -127,7 +133,7 @@ class LocalWorker:
 def worker_factory() -> Iterator[Any]:
     started: list[LocalWorker] = []
 
-    def make(cwd: Path, **settings: str) -> LocalWorker:
+    def make(cwd: Path, **settings: Any) -> LocalWorker:
         worker = LocalWorker(cwd, **settings)
         started.append(worker)
         return worker
@@ -248,9 +254,10 @@ def test_first_run_processes_jobs_into_the_outbox(tmp_path: Path, worker_factory
     ready = httpx.get(f"{worker.url}/health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "outbox": "ok", "sweeper": "ok"}
-    # No webhook secret in local mode: the webhook endpoint lets nothing in.
+    # No webhook secret in local mode: the webhook endpoint lets nothing in, and says why.
     refused = httpx.post(f"{worker.url}/webhooks/email_queue", json={}, timeout=10)
-    assert refused.status_code == 401
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "webhooks_off"
 
     assert worker.ctrl_c() == 0
     assert_stopped_cleanly(data)
@@ -324,6 +331,27 @@ def test_a_killed_worker_leaves_the_database_to_the_next_start(
     # The killed process is forgotten: this one, the last, stops the server.
     assert worker.ctrl_c() == 0
     assert_stopped_cleanly(data)
+
+
+def test_local_mode_listens_on_loopback_and_says_webhooks_are_off(
+    tmp_path: Path, worker_factory: Any
+) -> None:
+    # No HOST: local mode must not take every interface. Settings in lower and upper case.
+    worker: LocalWorker = worker_factory(tmp_path, HOST=None, LOG_LEVEL="info", LOG_FORMAT="JSON")
+    worker.start()
+    assert listening_addresses(worker.port) == {"127.0.0.1"}
+
+    refused = httpx.post(f"{worker.url}/webhooks/email_queue", json={}, timeout=10)
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "webhooks_off"
+    assert "webhooks are off in local mode" in refused.json()["message"]
+    assert "LISTEN/NOTIFY" in refused.json()["message"]
+
+    assert worker.ctrl_c() == 0
+    entries = [json.loads(line) for line in worker.log.splitlines() if line[:1] == "{"]
+    assert any(e["message"].startswith("Uvicorn running on http://127.0.0.1:") for e in entries)
+    assert all("color_message" not in entry for entry in entries)
+    assert "\x1b[" not in worker.log
 
 
 # -- which mode the settings choose ---------------------------------------------

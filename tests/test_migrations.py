@@ -28,7 +28,15 @@ WORKER_FUNCTIONS = [
 # SECURITY DEFINER, and why: the webhook trigger reads Vault as its owner; the schedule
 # functions use pg_cron, whose jobs run as the role that scheduled them and which only
 # the owner (Supabase's `postgres`) may use.
-DEFINERS = {"notify_webhook", "schedule", "unschedule", "list_schedules", "cron_status"}
+DEFINERS = {
+    "notify_webhook",
+    "schedule",
+    "unschedule",
+    "list_schedules",
+    "cron_status",
+    "enqueue",  # the app's users enqueue on allowed queues without rights on the tables
+    "preflight",  # `queue-worker check` learns which Vault secrets are set (names only)
+}
 
 # What pgmq 1.5.1 offers (SUPABASE-FACTS.md); the migrations may call nothing else.
 PGMQ_151 = {

@@ -125,6 +125,11 @@ def test_a_new_queue_enqueued_by_authenticated_rings_the_webhook_and_grants_api_
     assert_api_roles_get_nothing(db, sms)
 
 
+# The one function anon and authenticated may execute (20261201004100_public_enqueue.sql):
+# it refuses them on every queue whose owner did not allow their role.
+PUBLIC_ENQUEUE = "queue_worker.enqueue(text,jsonb,integer)"
+
+
 def assert_api_roles_get_nothing(db: Database, queue: str) -> None:
     with db.connect() as conn:
         functions = [
@@ -137,6 +142,8 @@ def assert_api_roles_get_nothing(db: Database, queue: str) -> None:
         tables = [f"pgmq.q_{queue}", f"pgmq.a_{queue}", "queue_worker.queues"]
         for role in ("anon", "authenticated"):
             for signature in functions:
+                if signature == PUBLIC_ENQUEUE:
+                    continue  # theirs to call; it refuses them below unless the queue allows
                 assert conn.execute(
                     "select has_function_privilege(%s, %s, 'execute')", [role, signature]
                 ).fetchone() == (False,), (role, signature)
@@ -152,6 +159,7 @@ def assert_api_roles_get_nothing(db: Database, queue: str) -> None:
             for statement in (
                 sql.SQL("select * from pgmq.{}").format(sql.Identifier(f"q_{queue}")),
                 sql.SQL("select * from queue_worker.read({}, 30, 1)").format(sql.Literal(queue)),
+                sql.SQL("select queue_worker.enqueue({}, '{{}}')").format(sql.Literal(queue)),
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     conn.execute(statement)

@@ -1,7 +1,8 @@
 """The manual API for operators with curl: enqueue, sweep, inspect and replay.
 
 Authenticated by `Authorization: Bearer <API_TOKEN>`, separate from the webhook
-secret. Mounted only when API_TOKEN is set.
+secret. Mounted only when API_TOKEN is set. The routes are thin: what they do is
+in app/operations.py, which the CLI calls too.
 """
 
 from __future__ import annotations
@@ -11,52 +12,36 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 
+from app import operations
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
-from app.errors import PermanentError
+from app.operations import (
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_DELAY_SECONDS,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_MSG_ID,
+    MAX_PAGE,
+    OperationError,
+)
 
 router = APIRouter(
     prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
 )
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-# pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
-MAX_MSG_ID = 2**63 - 1
 # An Idempotency-Key is kept as the job's pgmq header `idempotency_key`
 # (supabase/migrations/20261201003100_idempotency_keys.sql): printable ASCII.
 IDEMPOTENCY_KEY = Header(
     alias="Idempotency-Key",
     min_length=1,
-    max_length=255,
-    pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$",
+    max_length=MAX_IDEMPOTENCY_KEY,
+    pattern=IDEMPOTENCY_KEY_PATTERN,
     description="A later job with the same key, after this one succeeded, is not run",
 )
 
 
-def _unstorable(message: Any) -> str | None:
-    """What in a message PostgreSQL's jsonb cannot store (U+0000, lone surrogates), if any."""
-    pending = [message]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "text must not contain U+0000 (NUL)"
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "text must be valid Unicode (no lone surrogates)"
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
-
-
-def _served(services: Services, queue: str) -> None:
-    if queue not in services.processors:
-        raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")
+def _refused(error: OperationError) -> ApiError:
+    return ApiError(error.status, error.code, error.message)
 
 
 @router.post("/{queue}/messages", status_code=201)
@@ -64,28 +49,31 @@ async def enqueue(
     queue: str,
     services: ServicesDep,
     message: Annotated[dict[str, Any], Body()],
-    delay_seconds: Annotated[int, Query(ge=0, le=86_400 * 7)] = 0,
+    delay_seconds: Annotated[int, Query(ge=0, le=MAX_DELAY_SECONDS)] = 0,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> dict[str, Any]:
     """Validates a job as its processor does and enqueues it (with its Idempotency-Key)."""
-    _served(services, queue)
     try:
-        services.processors[queue].validate(message)
-    except PermanentError as error:
-        raise ApiError(422, "invalid_message", str(error)) from None
-    problem = _unstorable(message)
-    if problem is not None:
-        # The database would refuse it; say so here rather than as an RPC failure.
-        raise ApiError(422, "invalid_message", f"message: {problem}")
-    headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
-    msg_id = await services.backend.send(queue, message, delay_seconds, headers)
+        msg_id = await operations.enqueue(
+            services.backend,
+            services.processors,
+            queue,
+            message,
+            delay_seconds,
+            idempotency_key=idempotency_key,
+        )
+    except OperationError as error:
+        raise _refused(error) from None
     return {"queue": queue, "msg_id": msg_id}
 
 
 @router.post("/{queue}/drain", status_code=202)
 async def drain(queue: str, services: ServicesDep) -> dict[str, str]:
     """Runs a sweep now instead of at the next interval."""
-    _served(services, queue)
+    try:
+        operations.served(services.processors, queue)
+    except OperationError as error:
+        raise _refused(error) from None
     services.sweeper.wake(queue)
     return {"status": "sweeping", "queue": queue}
 
@@ -93,39 +81,29 @@ async def drain(queue: str, services: ServicesDep) -> dict[str, str]:
 @router.get("")
 async def list_queues(services: ServicesDep) -> dict[str, Any]:
     """Depth, visible length, oldest message age and jobs in flight per queue."""
-    rows = {row.queue_name: row for row in await services.backend.metrics()}
-    queues = []
-    for name in sorted(services.processors):
-        row = rows.get(name)
-        queues.append(
-            {
-                "queue": name,
-                "length": row.queue_length if row else None,
-                "visible": row.visible_length if row else None,
-                "oldest_age_seconds": row.oldest_msg_age_sec if row else None,
-                "in_flight": services.runner.in_flight(name),
-            }
-        )
-    return {"queues": queues}
+    rows = await operations.depths(
+        services.backend, services.processors, in_flight=services.runner.in_flight
+    )
+    return {"queues": [row.as_dict() for row in rows]}
 
 
 @router.get("/{queue}/archive")
 async def archive(
     queue: str,
     services: ServicesDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = operations.DEFAULT_PAGE,
     before: Annotated[
         int | None, Query(ge=1, le=MAX_MSG_ID, description="msg_id cursor from `next`")
     ] = None,
 ) -> dict[str, Any]:
     """Archived (dead) messages with their recorded error, newest first."""
-    _served(services, queue)
-    rows = await services.backend.archived(queue, limit, before)
-    return {
-        "queue": queue,
-        "messages": [row.model_dump(mode="json") for row in rows],
-        "next": rows[-1].msg_id if len(rows) == limit else None,
-    }
+    try:
+        page = await operations.dead_letters(
+            services.backend, services.processors, queue, limit, before
+        )
+    except OperationError as error:
+        raise _refused(error) from None
+    return page.as_dict()
 
 
 @router.post("/{queue}/archive/{msg_id}/replay", status_code=201)
@@ -133,8 +111,8 @@ async def replay(
     queue: str, msg_id: Annotated[int, Path(ge=1, le=MAX_MSG_ID)], services: ServicesDep
 ) -> JSONResponse:
     """Puts one archived message back on its queue as a new message."""
-    _served(services, queue)
-    new_id = await services.backend.replay(queue, msg_id)
-    if new_id is None:
-        raise ApiError(404, "not_archived", f"no archived message {msg_id} in {queue}")
+    try:
+        new_id = await operations.replay(services.backend, services.processors, queue, msg_id)
+    except OperationError as error:
+        raise _refused(error) from None
     return JSONResponse({"queue": queue, "replayed": msg_id, "msg_id": new_id}, status_code=201)

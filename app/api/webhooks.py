@@ -175,3 +175,18 @@ def _counter(queue: str, result: str) -> Any:
     and only a bounded set of names may become label values or cache entries.
     """
     return metrics.WEBHOOKS.labels(queue, result)
+
+
+# Local mode without WEBHOOK_SECRET: no trigger sends webhooks (new messages wake the
+# worker through LISTEN/NOTIFY), so the route tells a caller that instead of a bare 401.
+off_router = APIRouter(tags=["webhooks"])
+
+
+@off_router.post("/webhooks/{queue}", status_code=404, include_in_schema=False)
+async def webhooks_off(queue: str) -> Response:
+    raise ApiError(
+        404,
+        "webhooks_off",
+        "webhooks are off in local mode: new messages wake the worker through "
+        "LISTEN/NOTIFY; enqueue with pgmq.send() or POST /queues/{queue}/messages",
+    )

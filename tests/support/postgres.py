@@ -133,6 +133,12 @@ def apply_migrations(db: Database) -> None:
 
 def bootstrap(db: Database) -> None:
     """Gives `db` the shape of a Supabase project, then applies the migrations."""
+    supabase_shape(db)
+    apply_migrations(db)
+
+
+def supabase_shape(db: Database, *, pgmq: bool = True) -> None:
+    """What a Supabase project has before any migration of queue-worker (pgmq optional)."""
     with db.connect() as conn:
         conn.execute((SQL_DIR / "00_roles.sql").read_text())  # type: ignore[arg-type]
         conn.execute(
@@ -142,10 +148,11 @@ def bootstrap(db: Database) -> None:
         )
         for name in ("10_extensions.sql", "20_vault.sql", "30_pg_net.sql"):
             conn.execute((SQL_DIR / name).read_text())  # type: ignore[arg-type]
+    if not pgmq:
+        return
     # pgmq is owned by Supabase's `postgres` role (its after-create script).
     with db.connect(role=OWNER_ROLE) as conn:
         conn.execute(pgmq_install_sql())  # type: ignore[arg-type]
-    apply_migrations(db)
 
 
 def attach_queue(db: Database, queue: str) -> None:

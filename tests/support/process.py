@@ -85,8 +85,10 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        # Each worker process imports and starts the whole service on its own.
+        timeout = 30 * (self.settings.workers if self.console_script else 1)
         try:
-            wait_until(self._ready, timeout=30, what=f"the service on port {self.port}")
+            wait_until(self._ready, timeout=timeout, what=f"the service on port {self.port}")
         except AssertionError as error:
             raise AssertionError(f"{error}; its log:\n{self.log_path.read_text()}") from None
 

@@ -57,3 +57,20 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (from /proc/net/tcp*)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for row in list(lines)[1:]:
+                fields = row.split()
+                address, _, hex_port = fields[1].partition(":")
+                if int(hex_port, 16) == port and fields[3] == "0A":  # LISTEN
+                    if width == 8:
+                        raw = bytes.fromhex(address)[::-1]
+                        found.add(".".join(str(b) for b in raw))
+                    else:
+                        found.add("::" if set(address) == {"0"} else address)
+    return found

@@ -1,0 +1,226 @@
+"""What an operator does to the queues, once: enqueue, list depths, list dead letters, replay.
+
+The manual HTTP API (app/api/queues.py) and the CLI (app/cli/operator.py) both call
+these, with the service's own backend and registry, so a job is validated and
+stored the same way whichever door it came through. Failures are an
+`OperationError` with a short code and a sentence; each caller turns it into its
+own answer (an HTTP status, an exit code). Nothing here knows HTTP or argv.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from app.errors import PermanentError
+from app.processors import Registry
+from app.queue.backend import ArchivedMessage, QueueBackend
+
+# pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
+MAX_MSG_ID: Final = 2**63 - 1
+# A job may wait at most a week before it runs.
+MAX_DELAY_SECONDS: Final = 7 * 86_400
+# Dead letters per page (queue_worker.archived caps at the same).
+MAX_PAGE: Final = 500
+DEFAULT_PAGE: Final = 50
+# An idempotency key is kept as the job's pgmq header `idempotency_key`
+# (supabase/migrations/20261201003100_idempotency_keys.sql): printable ASCII, no
+# space at either end.
+MAX_IDEMPOTENCY_KEY: Final = 255
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+
+
+class OperationError(Exception):
+    """An operation refused or failed; `code` is stable, `str()` is for people."""
+
+    # The HTTP status the manual API answers with.
+    status = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class UnknownQueue(OperationError):
+    status = 404
+
+    def __init__(self, queue: str) -> None:
+        super().__init__("unknown_queue", f"this service does not process queue {queue!r}")
+
+
+class InvalidMessage(OperationError):
+    status = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_message", message)
+
+
+class NotArchived(OperationError):
+    status = 404
+
+    def __init__(self, queue: str, msg_id: int) -> None:
+        super().__init__("not_archived", f"no archived message {msg_id} in {queue}")
+
+
+def unstorable(message: Any) -> str | None:
+    """What in a message PostgreSQL's jsonb cannot store (U+0000, lone surrogates), if any."""
+    pending = [message]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "text must not contain U+0000 (NUL)"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "text must be valid Unicode (no lone surrogates)"
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+def served(processors: Registry, queue: str) -> None:
+    """Raises UnknownQueue unless this service processes `queue`."""
+    if queue not in processors:
+        raise UnknownQueue(queue)
+
+
+def _bounded(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise OperationError("invalid_request", f"{name}: must be from {low} to {high}")
+
+
+async def enqueue(
+    backend: QueueBackend,
+    processors: Registry,
+    queue: str,
+    message: Any,
+    delay_seconds: int = 0,
+    *,
+    idempotency_key: str | None = None,
+) -> int:
+    """Validates a job as its processor does and enqueues it; returns its msg_id.
+
+    With `idempotency_key`, a later job with the same key, after this one succeeded,
+    is acked without running.
+    """
+    served(processors, queue)
+    _bounded("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
+    if idempotency_key is not None and not (
+        len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+        and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key)
+    ):
+        raise OperationError(
+            "invalid_request",
+            f"idempotency key: 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters, "
+            "no space at either end",
+        )
+    if not isinstance(message, dict):
+        raise InvalidMessage("message: a job is a JSON object")
+    try:
+        processors[queue].validate(message)
+    except PermanentError as error:
+        raise InvalidMessage(str(error)) from None
+    problem = unstorable(message)
+    if problem is not None:
+        # The database would refuse it; say so here rather than as an RPC failure.
+        raise InvalidMessage(f"message: {problem}")
+    headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
+    return await backend.send(queue, message, delay_seconds, headers)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """One queue as `GET /queues` and `queue-worker queues` show it."""
+
+    queue: str
+    length: int | None
+    visible: int | None
+    oldest_age_seconds: int | None
+    # Jobs running in this process; None where nothing runs (the CLI).
+    in_flight: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "queue": self.queue,
+            "length": self.length,
+            "visible": self.visible,
+            "oldest_age_seconds": self.oldest_age_seconds,
+        }
+        if self.in_flight is not None:
+            row["in_flight"] = self.in_flight
+        return row
+
+
+async def depths(
+    backend: QueueBackend,
+    processors: Registry,
+    in_flight: Callable[[str], int] | None = None,
+) -> list[QueueDepth]:
+    """Depth, visible length and oldest message age of each served queue, by name.
+
+    A served queue the database does not report (not created yet) has no figures.
+    """
+    rows = {row.queue_name: row for row in await backend.metrics()}
+    result = []
+    for name in sorted(processors):
+        row = rows.get(name)
+        result.append(
+            QueueDepth(
+                queue=name,
+                length=row.queue_length if row else None,
+                visible=row.visible_length if row else None,
+                oldest_age_seconds=row.oldest_msg_age_sec if row else None,
+                in_flight=in_flight(name) if in_flight is not None else None,
+            )
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    """One page of archived messages, newest first; `next` is the cursor of the next page."""
+
+    queue: str
+    messages: list[ArchivedMessage]
+    next: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "messages": [row.model_dump(mode="json") for row in self.messages],
+            "next": self.next,
+        }
+
+
+async def dead_letters(
+    backend: QueueBackend,
+    processors: Registry,
+    queue: str,
+    limit: int = DEFAULT_PAGE,
+    before: int | None = None,
+) -> DeadLetters:
+    """Archived (dead) messages with their recorded error, newest first, a page at a time."""
+    served(processors, queue)
+    _bounded("limit", limit, 1, MAX_PAGE)
+    if before is not None:
+        _bounded("before", before, 1, MAX_MSG_ID)
+    rows = await backend.archived(queue, limit, before)
+    return DeadLetters(queue, rows, rows[-1].msg_id if len(rows) == limit else None)
+
+
+async def replay(backend: QueueBackend, processors: Registry, queue: str, msg_id: int) -> int:
+    """Puts one archived message back on its queue as a new message; returns the new msg_id."""
+    served(processors, queue)
+    _bounded("msg_id", msg_id, 1, MAX_MSG_ID)
+    new_id = await backend.replay(queue, msg_id)
+    if new_id is None:
+        raise NotArchived(queue, msg_id)
+    return new_id
