@@ -13,6 +13,10 @@ class QueueMessage(BaseModel):
 
     pgmq versions differ in their columns (`headers` since 1.5, `last_read_at` since
     1.10), so unknown keys are ignored and `headers` may be absent.
+
+    `unreadable` is set, and `message` and `headers` left empty, when the row's JSON
+    could not be parsed (app/queue/rows.py); it says why. The runner archives such a
+    message without running it.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -23,3 +27,4 @@ class QueueMessage(BaseModel):
     vt: datetime
     message: Any = None
     headers: dict[str, Any] | None = None
+    unreadable: str | None = None

@@ -9,7 +9,8 @@ heartbeat). The runner alone decides the message's fate:
 - success: ack (delete); a failed ack is retried in-process, never the job;
 - retryable failure (RetryableError, a timeout, any unexpected exception): visible
   again after an exponential, jittered backoff, until the last attempt;
-- permanent failure, or the last attempt: archived with its error.
+- permanent failure, or the last attempt: archived with its error;
+- a message whose JSON the worker cannot parse: archived at once, not run.
 
 Each queue runs at most its `max_concurrency` jobs (so a slow queue cannot take
 the slots of another); work offered beyond that stays in the queue for the
@@ -240,6 +241,14 @@ class Runner:
             # Finished here before; only its ack or archive is outstanding.
             self.settler.poke()
             return "duplicate"
+        if message.unreadable is not None:
+            # Its JSON cannot be parsed (app/queue/rows.py): it never will be.
+            error = _error_record("UnreadableMessage", message.unreadable, message.read_ct)
+            log.warning(
+                "unreadable message; archiving", extra={**context, "error": error["message"]}
+            )
+            await self.settler.archive(queue, msg_id, error)
+            return "archived"
         config = self._configs[queue]
         retry = config.retry
         if message.read_ct > retry.max_attempts:
