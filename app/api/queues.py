@@ -14,14 +14,13 @@ from fastapi.responses import JSONResponse
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
 from app.errors import PermanentError
+from app.queue.models import MAX_MSG_ID
 
 router = APIRouter(
     prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
 )
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-# pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
-MAX_MSG_ID = 2**63 - 1
 # An Idempotency-Key is kept as the job's pgmq header `idempotency_key`
 # (supabase/migrations/20261201003100_idempotency_keys.sql): printable ASCII.
 IDEMPOTENCY_KEY = Header(

@@ -7,6 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+# pgmq's msg_id is a bigint identity: 1 to 2^63-1. Any other number names no message.
+MAX_MSG_ID = 2**63 - 1
+
 
 class QueueMessage(BaseModel):
     """One row of `pgmq.q_<queue>`, parsed by key.
