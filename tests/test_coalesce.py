@@ -184,6 +184,68 @@ async def test_every_caller_of_a_failed_call_gets_the_error(
     await queue.close()
 
 
+@pytest.mark.parametrize("bad_id", [2**63, 2**64 + 5, -(2**63) - 1, 0, True])
+async def test_an_id_no_message_can_have_never_fails_or_delays_the_others(
+    db: Database, gateway: RpcGateway, inner: RpcQueue, bad_id: Any
+) -> None:
+    ids = enqueue(db, 8)
+    # The batch leaves when its eight good ids are in (the bad one is no part of
+    # it) or after a flush interval far longer than the test's patience.
+    queue = CoalescingQueue(inner, max_batch=8, flush_interval=NEVER)
+    gateway.reset_counters()
+
+    async def claim(i: Any) -> list[QueueMessage]:
+        return await queue.claim(QUEUE, [i], 30)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(claim(i) for i in [*ids[:4], bad_id, *ids[4:]]), return_exceptions=True),
+        timeout=5,
+    )
+
+    assert results[4] == []  # no such message: absent, as one that is gone would be
+    assert [[m.msg_id for m in r] for r in [*results[:4], *results[5:]]] == [[i] for i in ids]
+    assert calls(gateway, "claim") == 1
+    released = await asyncio.wait_for(
+        asyncio.gather(
+            queue.set_vt(QUEUE, [bad_id], 0), *(queue.set_vt(QUEUE, [i], 0) for i in ids)
+        ),
+        timeout=5,
+    )
+    assert released == [[], *([i] for i in ids)]
+    acked = await asyncio.wait_for(
+        asyncio.gather(queue.ack(QUEUE, [bad_id]), *(queue.ack(QUEUE, [i]) for i in ids)),
+        timeout=5,
+    )
+    assert acked == [[], *([i] for i in ids)]
+    assert (calls(gateway, "set_vt"), calls(gateway, "ack")) == (1, 1)
+    await queue.close()
+
+
+async def test_an_archive_the_database_refuses_fails_only_the_caller_at_fault(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 5)
+    await inner.claim(QUEUE, ids, 30)
+    queue = CoalescingQueue(inner, max_batch=5, flush_interval=NEVER)
+    gateway.reset_counters()
+    errors = {i: {"type": "PermanentError", "message": f"failed {i}"} for i in ids}
+    # jsonb refuses U+0000 (SQLSTATE 22P05, HTTP 400): one bad record in the batch.
+    errors[ids[2]] = {"type": "PermanentError", "message": "an SMTP reply with \u0000"}
+
+    results = await asyncio.gather(
+        *(queue.archive(QUEUE, [i], {i: errors[i]}) for i in ids), return_exceptions=True
+    )
+
+    bad = results.pop(2)
+    assert isinstance(bad, RpcError) and bad.status == 400
+    assert results == [[i] for i in ids if i != ids[2]]
+    assert [row[0] for row in archived_rows(db)] == [i for i in ids if i != ids[2]]
+    assert [row[0] for row in queue_rows(db)] == [ids[2]]
+    # The shared call, then each caller's part alone.
+    assert calls(gateway, "archive") == 1 + len(ids)
+    await queue.close()
+
+
 async def test_archives_merge_their_errors_and_retries_merge_by_delay(
     db: Database, gateway: RpcGateway, inner: RpcQueue
 ) -> None:

@@ -18,8 +18,14 @@ times faster. `CoalescingQueue` wraps any `QueueBackend` and merges concurrent
   for (a message asked for twice goes to the first caller only, so a repeated
   webhook can never start a job twice), or the ids it asked for that came back;
   archive errors are merged per id;
-- when the call fails, every caller of the batch sees the error, exactly as if it
-  had made the call alone (the runner and the Settler already handle that);
+- no id a caller passes can fail a shared call: an id outside pgmq's msg_id range
+  (1 to 2^63-1; it could not name a message) is left out of the batch and absent
+  from that caller's answer, as a message that is gone would be;
+- when the call fails for a reason that may pass (no answer, 5xx), every caller
+  of the batch sees the error, exactly as if it had made the call alone (the
+  runner and the Settler already handle that); when the database refused it
+  (4xx) or it failed in the client, each caller's part is sent again on its own,
+  so a caller whose input was refused fails alone and the others go on;
 - a caller cancelled before the call takes its ids out of the batch; messages
   claimed for a caller that was cancelled meanwhile are made visible again.
 
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.queue.backend import ArchivedMessage, QueueBackend, QueueMetrics
-from app.queue.models import QueueMessage
+from app.queue.models import MAX_MSG_ID, QueueMessage
 from app.queue.rpc import RpcError
 
 log = logging.getLogger(__name__)
@@ -118,19 +124,19 @@ class CoalescingQueue:
 
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
         if not self.enabled or not msg_ids:
-            return await self.inner.claim(queue, msg_ids, vt)
+            return await self.inner.claim(queue, [i for i in msg_ids if is_msg_id(i)], vt)
         result: list[QueueMessage] = await self._submit(("claim", queue, vt), msg_ids)
         return result
 
     async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.ack(queue, msg_ids)
+            return await self.inner.ack(queue, [i for i in msg_ids if is_msg_id(i)])
         result: list[int] = await self._submit(("ack", queue, None), msg_ids)
         return result
 
     async def set_vt(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.set_vt(queue, msg_ids, vt)
+            return await self.inner.set_vt(queue, [i for i in msg_ids if is_msg_id(i)], vt)
         result: list[int] = await self._submit(("set_vt", queue, vt), msg_ids)
         return result
 
@@ -138,7 +144,7 @@ class CoalescingQueue:
         self, queue: str, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]]
     ) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.archive(queue, msg_ids, errors)
+            return await self.inner.archive(queue, [i for i in msg_ids if is_msg_id(i)], errors)
         result: list[int] = await self._submit(("archive", queue, None), msg_ids, errors)
         return result
 
@@ -172,6 +178,9 @@ class CoalescingQueue:
     async def _submit(
         self, key: Key, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]] | None = None
     ) -> Any:
+        msg_ids = [i for i in msg_ids if is_msg_id(i)]
+        if not msg_ids:
+            return []
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(key)
         if lane is None:
@@ -240,35 +249,78 @@ class CoalescingQueue:
         self._close_open(lane)
         self._forget_if_idle(lane)
 
+    async def _call(self, key: Key, ids: list[int], errors: Mapping[int, dict[str, Any]]) -> Any:
+        operation, queue, vt = key
+        if operation == "claim":
+            assert vt is not None
+            return await self.inner.claim(queue, ids, vt)
+        if operation == "ack":
+            return await self.inner.ack(queue, ids)
+        if operation == "set_vt":
+            assert vt is not None
+            return await self.inner.set_vt(queue, ids, vt)
+        return await self.inner.archive(queue, ids, errors)
+
     async def _send(self, lane: _Lane, batch: _Batch) -> None:
-        operation, queue, vt = lane.key
-        ids = list(batch.ids)
+        operation, queue, _ = lane.key
+        refused = False
         try:
-            if operation == "claim":
-                assert vt is not None
-                result: Any = await self.inner.claim(queue, ids, vt)
-            elif operation == "ack":
-                result = await self.inner.ack(queue, ids)
-            elif operation == "set_vt":
-                assert vt is not None
-                result = await self.inner.set_vt(queue, ids, vt)
-            else:
-                result = await self.inner.archive(queue, ids, batch.errors)
+            result: Any = await self._call(lane.key, list(batch.ids), batch.errors)
         except asyncio.CancelledError:
             _fail(batch, RpcError(operation, None, "cancelled: the worker is shutting down"))
             raise
-        except Exception as error:  # every caller sees it, as if it had called alone
-            _fail(batch, error)
-            return
+        except Exception as error:  # noqa: BLE001 - handed to the callers
+            if len(batch.waiters) < 2 or (isinstance(error, RpcError) and error.transient):
+                _fail(batch, error)  # every caller sees it, as if it had called alone
+                return
+            # Refused by the database (4xx) or failed in the client: see below.
+            refused = True
         finally:
             lane.in_flight -= 1
             self._dispatch(lane)
-        if operation == "claim":
-            orphans = _deliver_messages(batch, result)
-            if orphans:
-                await self._release(queue, orphans)
-        else:
-            _deliver_ids(batch, result)
+        try:
+            if refused:
+                # A refused call changed nothing (its transaction rolled back), so
+                # each caller's part can be sent alone: a caller whose input was at
+                # fault fails alone, as if it had called alone, and the others go on.
+                await self._one_by_one(lane.key, batch)
+            elif operation == "claim":
+                orphans = _deliver_messages(batch, result)
+                if orphans:
+                    await self._release(queue, orphans)
+            else:
+                _deliver_ids(batch, result)
+        except asyncio.CancelledError:
+            _fail(batch, RpcError(operation, None, "cancelled: the worker is shutting down"))
+            raise
+
+    async def _one_by_one(self, key: Key, batch: _Batch) -> None:
+        operation, queue, _ = key
+        log.warning(
+            "a batched queue call was refused; sending each caller's part alone",
+            extra={"queue": queue, "operation": operation, "count": len(batch.waiters)},
+        )
+        taken: set[int] = set()
+        for waiter in batch.waiters:
+            if waiter.future.done():
+                continue  # cancelled meanwhile: nothing to do for it
+            # An id asked for twice goes to the first caller only, as in a batch.
+            ids = [i for i in dict.fromkeys(waiter.ids) if i not in taken]
+            taken.update(ids)
+            alone = _Batch(waiters=[waiter])
+            try:
+                # Only this caller's errors: another's may be what was refused.
+                errors = {i: batch.errors[i] for i in ids if i in batch.errors}
+                result = await self._call(key, ids, errors) if ids else []
+            except Exception as error:  # noqa: BLE001 - this caller's own failure
+                _fail(alone, error)
+                continue
+            if operation == "claim":
+                orphans = _deliver_messages(alone, result)
+                if orphans:
+                    await self._release(queue, orphans)
+            else:
+                _deliver_ids(alone, result)
 
     async def _release(self, queue: str, messages: list[QueueMessage]) -> None:
         # Claimed for callers that were cancelled meanwhile: visible again now
@@ -296,6 +348,11 @@ class CoalescingQueue:
             await asyncio.gather(*late, return_exceptions=True)
             if late:
                 log.warning("queue calls cut short at shutdown", extra={"count": len(late)})
+
+
+def is_msg_id(value: object) -> bool:
+    """Whether `value` can be a pgmq msg_id: an int (not a bool) from 1 to 2^63-1."""
+    return type(value) is int and 1 <= value <= MAX_MSG_ID
 
 
 def _fail(batch: _Batch, error: BaseException) -> None:
