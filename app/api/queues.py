@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.api.job_json import Refused, load_job
 from app.errors import PermanentError
 from app.queue.models import MAX_MSG_ID
 
@@ -32,50 +33,45 @@ IDEMPOTENCY_KEY = Header(
 )
 
 
-def _unstorable(message: Any) -> str | None:
-    """What in a message PostgreSQL's jsonb cannot store (U+0000, lone surrogates), if any."""
-    pending = [message]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "text must not contain U+0000 (NUL)"
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "text must be valid Unicode (no lone surrogates)"
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
-
-
 def _served(services: Services, queue: str) -> None:
     if queue not in services.processors:
         raise ApiError(404, "unknown_queue", f"this service does not process queue {queue!r}")
 
 
-@router.post("/{queue}/messages", status_code=201)
+@router.post(
+    "/{queue}/messages",
+    status_code=201,
+    # The body is read by load_job(), not by FastAPI: documented here.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def enqueue(
     queue: str,
+    request: Request,
     services: ServicesDep,
-    message: Annotated[dict[str, Any], Body()],
     delay_seconds: Annotated[int, Query(ge=0, le=86_400 * 7)] = 0,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> dict[str, Any]:
-    """Validates a job as its processor does and enqueues it (with its Idempotency-Key)."""
+    """Validates a job as its processor does and enqueues it (with its Idempotency-Key).
+
+    Refused with 422 when the body is not a JSON object (`invalid_request`), or is
+    beyond the bounds of app/api/job_json.py or what its processor accepts
+    (`invalid_message`); each names the problem.
+    """
     _served(services, queue)
+    try:
+        message = load_job(await request.body())
+    except Refused as error:
+        code = "invalid_request" if error.invalid_json else "invalid_message"
+        raise ApiError(422, code, str(error)) from None
     try:
         services.processors[queue].validate(message)
     except PermanentError as error:
         raise ApiError(422, "invalid_message", str(error)) from None
-    problem = _unstorable(message)
-    if problem is not None:
-        # The database would refuse it; say so here rather than as an RPC failure.
-        raise ApiError(422, "invalid_message", f"message: {problem}")
     headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
     msg_id = await services.backend.send(queue, message, delay_seconds, headers)
     return {"queue": queue, "msg_id": msg_id}
