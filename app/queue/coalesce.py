@@ -29,8 +29,10 @@ times faster. `CoalescingQueue` wraps any `QueueBackend` and merges concurrent
 - a caller cancelled before the call takes its ids out of the batch; messages
   claimed for a caller that was cancelled meanwhile are made visible again.
 
-`read` and everything else pass straight through. `close()` (at shutdown, after
-the runner has drained) sends what is pending and waits for calls under way.
+`read` and everything else pass straight through, but claims of any kind (reads,
+and claims when batching is off) outlive a caller cancelled meanwhile, and what
+they claimed for nobody is made visible again. `close()` (at shutdown, after the
+runner has drained) sends what is pending and waits for calls under way.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -108,7 +110,7 @@ class CoalescingQueue:
         self.flush_interval = flush_interval
         self.max_in_flight = max_in_flight
         self._lanes: dict[Key, _Lane] = {}
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     @property
@@ -124,7 +126,8 @@ class CoalescingQueue:
 
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
         if not self.enabled or not msg_ids:
-            return await self.inner.claim(queue, [i for i in msg_ids if is_msg_id(i)], vt)
+            ids = [i for i in msg_ids if is_msg_id(i)]
+            return await self._claiming(queue, self.inner.claim(queue, ids, vt))
         result: list[QueueMessage] = await self._submit(("claim", queue, vt), msg_ids)
         return result
 
@@ -151,7 +154,7 @@ class CoalescingQueue:
     # -- passed through ----------------------------------------------------------
 
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
-        return await self.inner.read(queue, vt, qty)
+        return await self._claiming(queue, self.inner.read(queue, vt, qty))
 
     async def send(
         self,
@@ -172,6 +175,33 @@ class CoalescingQueue:
 
     async def replay(self, queue: str, msg_id: int) -> int | None:
         return await self.inner.replay(queue, msg_id)
+
+    async def _claiming(
+        self, queue: str, call: Coroutine[Any, Any, list[QueueMessage]]
+    ) -> list[QueueMessage]:
+        """A claim (or read) whose caller may be cancelled while the database claims.
+
+        Cancelling the caller does not cancel the call: its request may already be
+        with the database, which claims the rows whatever becomes of the answer. The
+        call runs on, and the messages it claimed for nobody are made visible again
+        when it returns; `close()` waits for both.
+        """
+        task: asyncio.Task[list[QueueMessage]] = asyncio.ensure_future(call)
+        self._track(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._orphaned(queue, done))
+            raise
+
+    def _orphaned(self, queue: str, task: asyncio.Task[list[QueueMessage]]) -> None:
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return
+        self._track(asyncio.ensure_future(self._release(queue, task.result())))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     # -- batching ------------------------------------------------------------------
 
@@ -226,9 +256,7 @@ class CoalescingQueue:
             return
         self._close_open(lane)
         lane.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._send(lane, batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._track(asyncio.get_running_loop().create_task(self._send(lane, batch)))
 
     def _forget_if_idle(self, lane: _Lane) -> None:
         if lane.idle() and self._lanes.get(lane.key) is lane:
@@ -341,13 +369,17 @@ class CoalescingQueue:
         self._closed = True
         for lane in list(self._lanes.values()):
             self._dispatch(lane)
-        if self._sending:
-            _, late = await asyncio.wait(set(self._sending), timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-            if late:
-                log.warning("queue calls cut short at shutdown", extra={"count": len(late)})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A call that ends may start another (a release of what it claimed for nobody).
+        while self._sending and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._sending), timeout=remaining)
+        late = set(self._sending)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning("queue calls cut short at shutdown", extra={"count": len(late)})
 
 
 def is_msg_id(value: object) -> bool:
