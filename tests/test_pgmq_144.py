@@ -99,11 +99,9 @@ end
 $$;
 """
 
-# As the first migration grants them on the worker's own queues.
-SERVICE_ROLE_GRANTS = f"""
-grant select, insert, update, delete on pgmq.q_{QUEUE}, pgmq.a_{QUEUE} to service_role;
-grant usage, select on sequence pgmq.q_{QUEUE}_msg_id_seq to service_role;
-"""
+# The worker's own: its catalogue, trigger and service_role's grants, as a
+# migration of the user's would attach it.
+ATTACH = f"select queue_worker.attach_queue('{QUEUE}')"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +110,7 @@ def legacy_db(pg_server: str) -> Iterator[Database]:
         bootstrap(db)
         with db.connect(role=OWNER_ROLE) as conn:
             conn.execute(PGMQ_144_SHAPE)  # type: ignore[arg-type]
-            conn.execute(SERVICE_ROLE_GRANTS)  # type: ignore[arg-type]
+            conn.execute(ATTACH)  # type: ignore[arg-type]
         yield db
 
 
@@ -198,8 +196,10 @@ async def test_a_replayed_message_leaves_its_dead_letter_behind(
     assert await legacy.archived(QUEUE, 10) == []
     with legacy_db.connect() as conn:
         assert conn.execute("select count(*) from queue_worker.dead_letters").fetchone() == (0,)
-    # Archived again, without an error this time: no reason is shown, not the old one.
-    await legacy.read(QUEUE, 30, 10)
+    # Claimed (a webhook's path) and archived again, without an error this time: no
+    # reason is shown, not the old one.
+    [claimed] = await legacy.claim(QUEUE, [new_id], 30)
+    assert (claimed.msg_id, claimed.message, claimed.headers) == (new_id, {"n": 1}, None)
     assert await legacy.archive(QUEUE, [new_id], {}) == [new_id]
     [again] = await legacy.archived(QUEUE, 10)
     assert (again.msg_id, again.error) == (new_id, None)
