@@ -439,3 +439,54 @@ async def test_a_deferred_webhook_is_swept_up_as_soon_as_a_slot_frees(
 
     assert [offer.value for offer in offers] == ["accepted", "deferred"]
     assert sorted(recorder.seen) == [first, second]
+
+
+class Held:
+    """A processor whose jobs wait until `gate` opens."""
+
+    model = BaseModel
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def __call__(self, message: QueueMessage) -> None:
+        self.started += 1
+        await self.gate.wait()
+
+
+async def test_the_sweeper_stops_when_a_slot_frees_just_as_it_is_stopped(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    enqueue(db, 4)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    held = Held()
+    config = RunnerConfig(
+        visibility_timeout=30,
+        job_timeout=10,
+        max_concurrency=2,
+        retry=RetryPolicy(max_attempts=3, base_delay=1, max_delay=2),
+    )
+    runner = Runner(queue, {QUEUE: held}, config)
+    sweeper = Sweeper(runner, interval=NEVER, batch_size=2)
+    runner.start()
+    sweeper.start()
+    stopping: asyncio.Future[None] | None = None
+    try:
+        # Both slots taken by waiting jobs: the sweeper waits for capacity.
+        await eventually(lambda: held.started == 2, timeout=30, what="two running jobs")
+        await asyncio.sleep(0.1)
+        # A slot frees in the same moment as the sweeper is stopped (a job ending
+        # as the signal comes, under load): the freeing wakes the sweeper's wait
+        # just as its cancellation arrives.
+        runner._release(QUEUE)  # noqa: SLF001 - what a job's end does, at a chosen moment
+        stopping = asyncio.ensure_future(sweeper.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        assert done, "the sweeper went on after stop()"
+    finally:
+        held.gate.set()
+        if stopping is not None and not stopping.done():
+            stopping.cancel()
+        await runner.drain(5)
+        await runner.close()
+        await queue.close()

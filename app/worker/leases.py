@@ -58,7 +58,8 @@ class Leases:
         interval = min([self.vt, *self._vt.values()]) / 3
         while not self._stopped.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), timeout=interval)
+                async with asyncio.timeout(interval):  # not wait_for: see Sweeper
+                    await self._stopped.wait()
             if not self._stopped.is_set():
                 # A task of its own: cancelling the heartbeat never cuts a renewal short.
                 self._renewal = asyncio.ensure_future(self.renew())
