@@ -206,12 +206,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 queue_stats=QueueStats(backend, max_age=settings.metrics_cache_seconds),
                 rpc=rpc,
             )
-            drained = asyncio.Event()
+            draining: list[asyncio.Task[None]] = []
 
-            async def drain() -> None:
-                if drained.is_set():
-                    return
-                drained.set()
+            async def drain_once() -> None:
                 log.info("draining", extra={"in_flight": runner.in_flight()})
                 if wakeups is not None:
                     await wakeups.stop()
@@ -219,11 +216,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await runner.drain(settings.shutdown_grace_seconds)
                 log.info("drained")
 
+            async def drain() -> None:
+                # One drain, however it was asked for (a signal, then uvicorn's own
+                # shutdown): a later caller waits for the drain under way, so that
+                # shutdown never goes on while jobs still run.
+                if not draining:
+                    draining.append(asyncio.create_task(drain_once(), name="drain"))
+                await asyncio.shield(draining[0])
+
             runner.start()
             sweeper.start()
             if wakeups is not None:
                 wakeups.start()
-            restore_signals = shutdown.install(drain)
+            restore_signals = shutdown.install(drain, runner.hurry)
             # What start-up built lives as long as the process. Frozen out of the
             # collector's sight, it is not scanned again by every full collection,
             # which stalled the loop for up to 100 ms under load (bench/README.md).

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from app.errors import PermanentError
+from app.job_input import unstorable
 from app.processors import Registry
 from app.queue.backend import ArchivedMessage, QueueBackend
+from app.queue.models import MAX_MSG_ID
 
-# pgmq's msg_id is a bigint; a larger number is refused here, not by the database.
-MAX_MSG_ID: Final = 2**63 - 1
 # A job may wait at most a week before it runs.
 MAX_DELAY_SECONDS: Final = 7 * 86_400
 # Dead letters per page (queue_worker.archived caps at the same).
@@ -65,27 +65,6 @@ class NotArchived(OperationError):
         super().__init__("not_archived", f"no archived message {msg_id} in {queue}")
 
 
-def unstorable(message: Any) -> str | None:
-    """What in a message PostgreSQL's jsonb cannot store (U+0000, lone surrogates), if any."""
-    pending = [message]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "text must not contain U+0000 (NUL)"
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "text must be valid Unicode (no lone surrogates)"
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
-
-
 def served(processors: Registry, queue: str) -> None:
     """Raises UnknownQueue unless this service processes `queue`."""
     if queue not in processors:
@@ -124,14 +103,15 @@ async def enqueue(
         )
     if not isinstance(message, dict):
         raise InvalidMessage("message: a job is a JSON object")
+    # Before the processor sees it: depth and text the database (or the worker,
+    # reading it back) could not take; said here rather than as an RPC failure.
+    problem = unstorable(message)
+    if problem is not None:
+        raise InvalidMessage(f"message: {problem}")
     try:
         processors[queue].validate(message)
     except PermanentError as error:
         raise InvalidMessage(str(error)) from None
-    problem = unstorable(message)
-    if problem is not None:
-        # The database would refuse it; say so here rather than as an RPC failure.
-        raise InvalidMessage(f"message: {problem}")
     headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
     return await backend.send(queue, message, delay_seconds, headers)
 

@@ -95,6 +95,14 @@ def test_unknown_queue_is_404_after_authentication(service: Service) -> None:
             {**webhook_body(1), "record": {"msg_id": 0}},
             "record.msg_id: Input should be greater than 0",
         ),
+        (
+            {**webhook_body(1), "record": {"msg_id": 2**63}},
+            "record.msg_id: Input should be less than or equal to 9223372036854775807",
+        ),
+        (
+            {**webhook_body(1), "record": {"msg_id": -(2**63) - 1}},
+            "record.msg_id: Input should be greater than 0",
+        ),
     ],
     ids=[
         "not-json",
@@ -107,6 +115,8 @@ def test_unknown_queue_is_404_after_authentication(service: Service) -> None:
         "no-msg-id",
         "msg-id-text",
         "msg-id-zero",
+        "msg-id-2-pow-63",
+        "msg-id-below-bigint",
     ],
 )
 def test_body_that_is_not_a_queue_row_is_422(service: Service, body: Any, expected: str) -> None:

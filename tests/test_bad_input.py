@@ -382,3 +382,125 @@ def test_enqueue_refuses_text_the_database_cannot_store(
     assert response.json()["error"] == "invalid_message"
     with db.connect() as conn:
         assert conn.execute("select count(*) from pgmq.q_email_queue").fetchone() == (len(ids),)
+
+
+# -- jobs beyond what the worker can read back ------------------------------------------
+
+CHECKUP = {
+    "patient_name": "Anna",
+    "checkup_date": "27.11.2026",
+    "doctor_name": "Dr. Smith",
+    "results_url": "https://example.com/r/1",
+}
+
+
+def _job_with(extra: str) -> bytes:
+    """A valid template job with `extra` (JSON text, never parsed here) in its context."""
+    context = json.dumps(CHECKUP)[:-1]
+    return (
+        '{"to": "a@example.com", "template": "checkup_completed", "context": '
+        f'{context}, "extra": {extra}}}}}'
+    ).encode()
+
+
+def _nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        # The job is level 1 and its context level 2: a list at level 33 is one too deep.
+        (_nested(31), "message: nests deeper than 32 levels"),
+        (_nested(300), "message: nests deeper than 32 levels"),
+        (_nested(1000), "message: nests deeper than 32 levels"),
+        (_nested(5000), "message: nests deeper than 32 levels"),
+        ('{"a": ' * 5000 + "1" + "}" * 5000, "message: nests deeper than 32 levels"),
+        ("1e400", "message: the number 1e400 is out of range (not a finite double)"),
+        ("1E+30000000", "message: the number 1E+30000000 is out of range"),
+        ("-1e400", "message: the number -1e400 is out of range"),
+        ("NaN", "message: NaN is not a number JSON or PostgreSQL can store"),
+        ("[Infinity]", "message: Infinity is not a number JSON or PostgreSQL can store"),
+        ("1" * 101, "message: a number of 101 characters; at most 100"),
+        ("7" * 4301 + ".5", "message: a number of 4303 characters; at most 100"),
+        ("1" * 5000, "message: a number of 5000 characters; at most 100"),
+    ],
+    ids=[
+        "depth-33",
+        "depth-300",
+        "depth-1000",
+        "depth-5000",
+        "objects-5000",
+        "1e400",
+        "1E+30000000",
+        "-1e400",
+        "NaN",
+        "Infinity",
+        "101-digits",
+        "4303-char-decimal",
+        "5000-digits",
+    ],
+)
+def test_enqueue_refuses_jobs_beyond_the_documented_bounds(
+    db: Database, target: tuple[Service, str, list[int]], extra: str, expected: str
+) -> None:
+    service, token, ids = target
+    response = httpx.post(
+        f"{service.url}/queues/email_queue/messages",
+        content=_job_with(extra),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_message"
+    assert response.json()["message"].startswith(expected), response.text
+    with db.connect() as conn:
+        assert conn.execute("select count(*) from pgmq.q_email_queue").fetchone() == (len(ids),)
+
+
+@pytest.mark.parametrize(
+    ("extra", "stored"),
+    [
+        (_nested(30), _nested(30)),
+        ("123456789012345678901234567890", "123456789012345678901234567890"),
+        ("-0", "0"),
+        ("-0.0", "0.0"),  # numeric has no negative zero
+        ("1e-400", "0.0"),
+        ("1" * 100, "1" * 100),
+    ],
+    ids=["depth-32", "30-digits", "-0", "-0.0", "1e-400", "100-digits"],
+)
+def test_enqueue_takes_jobs_within_the_bounds(
+    db: Database, target: tuple[Service, str, list[int]], extra: str, stored: str
+) -> None:
+    service, token, _ = target
+    response = httpx.post(
+        f"{service.url}/queues/email_queue/messages",
+        content=_job_with(extra),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 201, response.text
+    with db.connect() as conn:
+        row = conn.execute(
+            "select message -> 'context' ->> 'extra' from pgmq.q_email_queue where msg_id = %s",
+            [response.json()["msg_id"]],
+        ).fetchone()
+    assert row is not None and row[0].replace(" ", "") == stored
+
+
+def test_a_body_that_is_not_a_json_object_is_an_invalid_request(
+    target: tuple[Service, str, list[int]],
+) -> None:
+    service, token, _ = target
+    for body, expected in [
+        (b"[1]", "body: Input should be a valid dictionary"),
+        (b"{", "body: Invalid JSON: Expecting property name"),
+        (b"\xff{}", "body: not UTF-8"),
+    ]:
+        response = httpx.post(
+            f"{service.url}/queues/email_queue/messages",
+            content=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "invalid_request"
+        assert response.json()["message"].startswith(expected), response.text

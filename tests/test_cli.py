@@ -171,8 +171,19 @@ def test_enqueue_validates_as_the_manual_api_does(
         ("@missing.json", None, "job: cannot read missing.json: No such file or directory"),
         ("-", b"\xff{}", "job: stdin is not UTF-8"),
         ("-", b"[" * 100_000 + b"]" * 100_000, "job: stdin is nested too deeply"),
+        # The manual API's bounds (app/job_input.py), whichever door a job comes through.
+        ("-", b'{"a": ' * 40 + b"1" + b"}" * 40, "message: nests deeper than 32 levels"),
+        ('{"n": 1' + "0" * 200 + "}", None, "message: a number of 201 characters; at most 100"),
     ],
-    ids=["not-json", "not-an-object", "no-file", "not-utf8", "deep"],
+    ids=[
+        "not-json",
+        "not-an-object",
+        "no-file",
+        "not-utf8",
+        "deep",
+        "deeper-than-32",
+        "long-number",
+    ],
 )
 def test_enqueue_refuses_what_is_not_a_job(
     db: Database,

@@ -184,6 +184,68 @@ async def test_every_caller_of_a_failed_call_gets_the_error(
     await queue.close()
 
 
+@pytest.mark.parametrize("bad_id", [2**63, 2**64 + 5, -(2**63) - 1, 0, True])
+async def test_an_id_no_message_can_have_never_fails_or_delays_the_others(
+    db: Database, gateway: RpcGateway, inner: RpcQueue, bad_id: Any
+) -> None:
+    ids = enqueue(db, 8)
+    # The batch leaves when its eight good ids are in (the bad one is no part of
+    # it) or after a flush interval far longer than the test's patience.
+    queue = CoalescingQueue(inner, max_batch=8, flush_interval=NEVER)
+    gateway.reset_counters()
+
+    async def claim(i: Any) -> list[QueueMessage]:
+        return await queue.claim(QUEUE, [i], 30)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(claim(i) for i in [*ids[:4], bad_id, *ids[4:]]), return_exceptions=True),
+        timeout=5,
+    )
+
+    assert results[4] == []  # no such message: absent, as one that is gone would be
+    assert [[m.msg_id for m in r] for r in [*results[:4], *results[5:]]] == [[i] for i in ids]
+    assert calls(gateway, "claim") == 1
+    released = await asyncio.wait_for(
+        asyncio.gather(
+            queue.set_vt(QUEUE, [bad_id], 0), *(queue.set_vt(QUEUE, [i], 0) for i in ids)
+        ),
+        timeout=5,
+    )
+    assert released == [[], *([i] for i in ids)]
+    acked = await asyncio.wait_for(
+        asyncio.gather(queue.ack(QUEUE, [bad_id]), *(queue.ack(QUEUE, [i]) for i in ids)),
+        timeout=5,
+    )
+    assert acked == [[], *([i] for i in ids)]
+    assert (calls(gateway, "set_vt"), calls(gateway, "ack")) == (1, 1)
+    await queue.close()
+
+
+async def test_an_archive_the_database_refuses_fails_only_the_caller_at_fault(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 5)
+    await inner.claim(QUEUE, ids, 30)
+    queue = CoalescingQueue(inner, max_batch=5, flush_interval=NEVER)
+    gateway.reset_counters()
+    errors = {i: {"type": "PermanentError", "message": f"failed {i}"} for i in ids}
+    # jsonb refuses U+0000 (SQLSTATE 22P05, HTTP 400): one bad record in the batch.
+    errors[ids[2]] = {"type": "PermanentError", "message": "an SMTP reply with \u0000"}
+
+    results = await asyncio.gather(
+        *(queue.archive(QUEUE, [i], {i: errors[i]}) for i in ids), return_exceptions=True
+    )
+
+    bad = results.pop(2)
+    assert isinstance(bad, RpcError) and bad.status == 400
+    assert results == [[i] for i in ids if i != ids[2]]
+    assert [row[0] for row in archived_rows(db)] == [i for i in ids if i != ids[2]]
+    assert [row[0] for row in queue_rows(db)] == [ids[2]]
+    # The shared call, then each caller's part alone.
+    assert calls(gateway, "archive") == 1 + len(ids)
+    await queue.close()
+
+
 async def test_archives_merge_their_errors_and_retries_merge_by_delay(
     db: Database, gateway: RpcGateway, inner: RpcQueue
 ) -> None:
@@ -377,3 +439,54 @@ async def test_a_deferred_webhook_is_swept_up_as_soon_as_a_slot_frees(
 
     assert [offer.value for offer in offers] == ["accepted", "deferred"]
     assert sorted(recorder.seen) == [first, second]
+
+
+class Held:
+    """A processor whose jobs wait until `gate` opens."""
+
+    model = BaseModel
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def __call__(self, message: QueueMessage) -> None:
+        self.started += 1
+        await self.gate.wait()
+
+
+async def test_the_sweeper_stops_when_a_slot_frees_just_as_it_is_stopped(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    enqueue(db, 4)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    held = Held()
+    config = RunnerConfig(
+        visibility_timeout=30,
+        job_timeout=10,
+        max_concurrency=2,
+        retry=RetryPolicy(max_attempts=3, base_delay=1, max_delay=2),
+    )
+    runner = Runner(queue, {QUEUE: held}, config)
+    sweeper = Sweeper(runner, interval=NEVER, batch_size=2)
+    runner.start()
+    sweeper.start()
+    stopping: asyncio.Future[None] | None = None
+    try:
+        # Both slots taken by waiting jobs: the sweeper waits for capacity.
+        await eventually(lambda: held.started == 2, timeout=30, what="two running jobs")
+        await asyncio.sleep(0.1)
+        # A slot frees in the same moment as the sweeper is stopped (a job ending
+        # as the signal comes, under load): the freeing wakes the sweeper's wait
+        # just as its cancellation arrives.
+        runner._release(QUEUE)  # noqa: SLF001 - what a job's end does, at a chosen moment
+        stopping = asyncio.ensure_future(sweeper.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        assert done, "the sweeper went on after stop()"
+    finally:
+        held.gate.set()
+        if stopping is not None and not stopping.done():
+            stopping.cancel()
+        await runner.drain(5)
+        await runner.close()
+        await queue.close()

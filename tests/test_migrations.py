@@ -149,6 +149,27 @@ def test_api_roles_cannot_touch_queue_tables(db: Database, role: str) -> None:
                 conn.execute(statement)
 
 
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_api_roles_cannot_read_dead_letters(db: Database, role: str) -> None:
+    with db.connect(role=role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("select * from queue_worker.dead_letters")
+
+
+def test_dead_letters_are_private_to_service_role(db: Database) -> None:
+    with db.connect() as conn:
+        rls = conn.execute(
+            "select relrowsecurity from pg_class where oid = 'queue_worker.dead_letters'::regclass"
+        ).fetchone()
+        privileges = conn.execute(
+            "select grantee, string_agg(privilege_type, ',' order by privilege_type) "
+            "from information_schema.role_table_grants "
+            "where table_schema = 'queue_worker' and table_name = 'dead_letters' "
+            "and grantee <> 'qw_postgres' group by grantee"
+        ).fetchall()
+    assert rls == (True,)
+    assert privileges == [("service_role", "DELETE,INSERT,SELECT,UPDATE")]
+
+
 def test_service_role_can_run_the_whole_cycle(db: Database) -> None:
     with db.connect(role="service_role") as conn:
         sent = conn.execute("select queue_worker.send('reports_queue', '{\"n\": 1}')").fetchone()

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
+import time
 from typing import Any
 
 import httpx
 import pytest
 
+from app.api.health import READY_BUDGET_SECONDS, RPC_CHECK_SECONDS, SMTP_CHECK_SECONDS
 from app.logs import JsonFormatter
 from tests.conftest import Service, ServiceFactory
 from tests.support.postgres import Database
 from tests.support.process import service_process
 from tests.support.rpc_gateway import GatewayHandle
 from tests.support.scrape import sample
+from tests.support.servers import bound_socket
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 from tests.test_api import metric
@@ -62,6 +66,45 @@ def test_readiness_names_the_failed_check_without_configuration(
     text = response.text
     for value in (str(smtp.port), smtp.password, service.webhook_secret, "localhost", "127.0.0.1"):
         assert value not in text
+
+
+def test_readiness_names_the_one_check_that_hangs_an_smtp_tarpit(
+    start_service: ServiceFactory,
+) -> None:
+    # A tarpit: the kernel completes the TCP handshake (listen backlog), nobody
+    # ever accepts, the SMTP greeting never comes.
+    with contextlib.closing(bound_socket()) as tarpit:
+        tarpit.listen(64)
+        service = start_service(register=False, smtp_port=tarpit.getsockname()[1])
+        started = time.monotonic()
+        response = httpx.get(f"{service.url}/health/ready", timeout=30)
+        took = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "rpc": "ok",
+        "smtp": f"failed (timeout after {SMTP_CHECK_SECONDS:g}s)",
+        "sweeper": "ok",
+    }
+    assert took < READY_BUDGET_SECONDS + 1
+
+
+def test_readiness_names_the_one_check_that_hangs_a_slow_rpc_api(
+    service: Service, gateway: GatewayHandle
+) -> None:
+    gateway.delay_answers(30, "metrics")
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{service.url}/health/ready", timeout=30)
+        took = time.monotonic() - started
+    finally:
+        gateway.delay_answers(0)
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "rpc": f"failed (timeout after {RPC_CHECK_SECONDS:g}s)",
+        "smtp": "ok",
+        "sweeper": "ok",
+    }
+    assert took < READY_BUDGET_SECONDS + 1
 
 
 def test_manual_api_is_off_without_a_token(service: Service) -> None:

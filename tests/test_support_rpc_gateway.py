@@ -709,6 +709,34 @@ def test_down_switch(gateway: RpcGateway, client: httpx.Client, db: Database) ->
     assert len(queue_rows(db)) == 1
 
 
+def test_delayed_answers_come_late_after_the_database_committed(
+    gateway: RpcGateway, client: httpx.Client, db: Database
+) -> None:
+    headers = opaque(gateway.secret_key)
+    rpc(client, "send", {"queue_name": "email_queue", "message": {"n": 1}}, headers=headers)
+    gateway.delay_answers(2.0, "read")
+    try:
+        # The client gives up before the answer comes: the read has claimed anyway.
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(
+                "/rest/v1/rpc/read",
+                json={"queue_name": "email_queue", "vt": 30, "qty": 1},
+                headers={**headers, "Content-Profile": "queue_worker"},
+                timeout=0.5,
+            )
+        assert [row[1] for row in queue_rows(db)] == [1]
+        # Other functions answer at once.
+        started = time.monotonic()
+        assert rpc(client, "metrics", headers=headers).status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        gateway.delay_answers(0)
+    started = time.monotonic()
+    read = rpc(client, "read", {"queue_name": "email_queue", "vt": 30, "qty": 1}, headers=headers)
+    assert read.status_code == 200
+    assert time.monotonic() - started < 1.0
+
+
 def test_stop_refuses_connections_and_start_restores_the_same_url(
     gateway: RpcGateway, client: httpx.Client
 ) -> None:

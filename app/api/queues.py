@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import operations
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
+from app.job_input import Refused, load_job
 from app.operations import (
     IDEMPOTENCY_KEY_PATTERN,
     MAX_DELAY_SECONDS,
     MAX_IDEMPOTENCY_KEY,
-    MAX_MSG_ID,
     MAX_PAGE,
     OperationError,
 )
+from app.queue.models import MAX_MSG_ID
 
 router = APIRouter(
     prefix="/queues", tags=["queues"], dependencies=[Depends(BearerSecret("api_token"))]
@@ -44,16 +45,37 @@ def _refused(error: OperationError) -> ApiError:
     return ApiError(error.status, error.code, error.message)
 
 
-@router.post("/{queue}/messages", status_code=201)
+@router.post(
+    "/{queue}/messages",
+    status_code=201,
+    # The body is read by load_job(), not by FastAPI: documented here.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def enqueue(
     queue: str,
+    request: Request,
     services: ServicesDep,
-    message: Annotated[dict[str, Any], Body()],
     delay_seconds: Annotated[int, Query(ge=0, le=MAX_DELAY_SECONDS)] = 0,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> dict[str, Any]:
-    """Validates a job as its processor does and enqueues it (with its Idempotency-Key)."""
+    """Validates a job as its processor does and enqueues it (with its Idempotency-Key).
+
+    Refused with 422 when the body is not a JSON object (`invalid_request`), or is
+    beyond the bounds of app/job_input.py or what its processor accepts
+    (`invalid_message`); each names the problem.
+    """
     try:
+        operations.served(services.processors, queue)
+        try:
+            message = load_job(await request.body())
+        except Refused as error:
+            code = "invalid_request" if error.invalid_json else "invalid_message"
+            raise ApiError(422, code, str(error)) from None
         msg_id = await operations.enqueue(
             services.backend,
             services.processors,

@@ -24,6 +24,7 @@ from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
 from app.api.signatures import SignedWebhook, WebhookSignature
 from app.errors import describe_invalid
+from app.queue.models import MAX_MSG_ID
 from app.worker import Offer
 
 router = APIRouter(tags=["webhooks"])
@@ -32,11 +33,15 @@ RETRY_AFTER_SECONDS = 5
 
 
 class QueueRow(BaseModel):
-    """The part of a pgmq queue row the worker needs."""
+    """The part of a pgmq queue row the worker needs.
+
+    `msg_id` is a bigint identity in pgmq: an id outside 1..2^63-1 names no message,
+    and is refused here rather than passed on to a claim that others share.
+    """
 
     model_config = ConfigDict(extra="allow")
 
-    msg_id: int = Field(gt=0)
+    msg_id: int = Field(gt=0, le=MAX_MSG_ID)
 
 
 class WebhookPayload(BaseModel):

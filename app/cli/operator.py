@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from app import operations
+from app import job_input, operations
 from app.cli.common import (
+    FAILURE,
     OK,
     USAGE,
     Exit,
@@ -30,7 +31,8 @@ from app.cli.common import (
     settings,
     table,
 )
-from app.operations import DEFAULT_PAGE, MAX_DELAY_SECONDS, MAX_MSG_ID, MAX_PAGE
+from app.operations import DEFAULT_PAGE, MAX_DELAY_SECONDS, MAX_PAGE
+from app.queue.models import MAX_MSG_ID
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -178,7 +180,9 @@ def read_job(source: str, max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise Exit(USAGE, f"job: {where} is larger than {max_bytes} bytes (MAX_API_BODY_BYTES)")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return job_input.loads(raw.decode("utf-8"))
+    except job_input.Refused as error:
+        raise Exit(FAILURE, str(error)) from None
     except UnicodeDecodeError:
         raise Exit(USAGE, f"job: {where} is not UTF-8") from None
     except json.JSONDecodeError as error:

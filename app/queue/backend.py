@@ -24,7 +24,11 @@ class QueueMetrics(BaseModel):
 
 
 class ArchivedMessage(BaseModel):
-    """A dead message and the error that ended it."""
+    """A dead message and the error that ended it.
+
+    `unreadable` says why `message` is empty when its JSON could not be parsed
+    (app/queue/rows.py).
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -34,6 +38,7 @@ class ArchivedMessage(BaseModel):
     archived_at: datetime
     message: Any = None
     error: dict[str, Any] | None = None
+    unreadable: str | None = None
 
 
 class RpcCaller(Protocol):
@@ -77,7 +82,7 @@ class QueueBackend(Protocol):
     ) -> list[int]:
         """Moves messages to the archive (the dead-letter store); returns their ids.
 
-        `errors` gives, per msg_id, the error recorded in the archived row's headers.
+        `errors` gives, per msg_id, the error recorded as its dead letter.
         """
         ...
 

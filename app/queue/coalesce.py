@@ -18,13 +18,21 @@ times faster. `CoalescingQueue` wraps any `QueueBackend` and merges concurrent
   for (a message asked for twice goes to the first caller only, so a repeated
   webhook can never start a job twice), or the ids it asked for that came back;
   archive errors are merged per id;
-- when the call fails, every caller of the batch sees the error, exactly as if it
-  had made the call alone (the runner and the Settler already handle that);
+- no id a caller passes can fail a shared call: an id outside pgmq's msg_id range
+  (1 to 2^63-1; it could not name a message) is left out of the batch and absent
+  from that caller's answer, as a message that is gone would be;
+- when the call fails for a reason that may pass (no answer, 5xx), every caller
+  of the batch sees the error, exactly as if it had made the call alone (the
+  runner and the Settler already handle that); when the database refused it
+  (4xx) or it failed in the client, each caller's part is sent again on its own,
+  so a caller whose input was refused fails alone and the others go on;
 - a caller cancelled before the call takes its ids out of the batch; messages
   claimed for a caller that was cancelled meanwhile are made visible again.
 
-`read` and everything else pass straight through. `close()` (at shutdown, after
-the runner has drained) sends what is pending and waits for calls under way.
+`read` and everything else pass straight through, but claims of any kind (reads,
+and claims when batching is off) outlive a caller cancelled meanwhile, and what
+they claimed for nobody is made visible again. `close()` (at shutdown, after the
+runner has drained) sends what is pending and waits for calls under way.
 """
 
 from __future__ import annotations
@@ -32,12 +40,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.queue.backend import ArchivedMessage, QueueBackend, QueueMetrics
-from app.queue.models import QueueMessage
+from app.queue.models import MAX_MSG_ID, QueueMessage
 from app.queue.rpc import RpcError
 
 log = logging.getLogger(__name__)
@@ -102,7 +110,7 @@ class CoalescingQueue:
         self.flush_interval = flush_interval
         self.max_in_flight = max_in_flight
         self._lanes: dict[Key, _Lane] = {}
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     @property
@@ -118,19 +126,20 @@ class CoalescingQueue:
 
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
         if not self.enabled or not msg_ids:
-            return await self.inner.claim(queue, msg_ids, vt)
+            ids = [i for i in msg_ids if is_msg_id(i)]
+            return await self._claiming(queue, self.inner.claim(queue, ids, vt))
         result: list[QueueMessage] = await self._submit(("claim", queue, vt), msg_ids)
         return result
 
     async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.ack(queue, msg_ids)
+            return await self.inner.ack(queue, [i for i in msg_ids if is_msg_id(i)])
         result: list[int] = await self._submit(("ack", queue, None), msg_ids)
         return result
 
     async def set_vt(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.set_vt(queue, msg_ids, vt)
+            return await self.inner.set_vt(queue, [i for i in msg_ids if is_msg_id(i)], vt)
         result: list[int] = await self._submit(("set_vt", queue, vt), msg_ids)
         return result
 
@@ -138,14 +147,14 @@ class CoalescingQueue:
         self, queue: str, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]]
     ) -> list[int]:
         if not self.enabled or not msg_ids:
-            return await self.inner.archive(queue, msg_ids, errors)
+            return await self.inner.archive(queue, [i for i in msg_ids if is_msg_id(i)], errors)
         result: list[int] = await self._submit(("archive", queue, None), msg_ids, errors)
         return result
 
     # -- passed through ----------------------------------------------------------
 
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
-        return await self.inner.read(queue, vt, qty)
+        return await self._claiming(queue, self.inner.read(queue, vt, qty))
 
     async def send(
         self,
@@ -167,11 +176,41 @@ class CoalescingQueue:
     async def replay(self, queue: str, msg_id: int) -> int | None:
         return await self.inner.replay(queue, msg_id)
 
+    async def _claiming(
+        self, queue: str, call: Coroutine[Any, Any, list[QueueMessage]]
+    ) -> list[QueueMessage]:
+        """A claim (or read) whose caller may be cancelled while the database claims.
+
+        Cancelling the caller does not cancel the call: its request may already be
+        with the database, which claims the rows whatever becomes of the answer. The
+        call runs on, and the messages it claimed for nobody are made visible again
+        when it returns; `close()` waits for both.
+        """
+        task: asyncio.Task[list[QueueMessage]] = asyncio.ensure_future(call)
+        self._track(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._orphaned(queue, done))
+            raise
+
+    def _orphaned(self, queue: str, task: asyncio.Task[list[QueueMessage]]) -> None:
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return
+        self._track(asyncio.ensure_future(self._release(queue, task.result())))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
     # -- batching ------------------------------------------------------------------
 
     async def _submit(
         self, key: Key, msg_ids: Sequence[int], errors: Mapping[int, dict[str, Any]] | None = None
     ) -> Any:
+        msg_ids = [i for i in msg_ids if is_msg_id(i)]
+        if not msg_ids:
+            return []
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(key)
         if lane is None:
@@ -217,9 +256,7 @@ class CoalescingQueue:
             return
         self._close_open(lane)
         lane.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._send(lane, batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._track(asyncio.get_running_loop().create_task(self._send(lane, batch)))
 
     def _forget_if_idle(self, lane: _Lane) -> None:
         if lane.idle() and self._lanes.get(lane.key) is lane:
@@ -240,35 +277,78 @@ class CoalescingQueue:
         self._close_open(lane)
         self._forget_if_idle(lane)
 
+    async def _call(self, key: Key, ids: list[int], errors: Mapping[int, dict[str, Any]]) -> Any:
+        operation, queue, vt = key
+        if operation == "claim":
+            assert vt is not None
+            return await self.inner.claim(queue, ids, vt)
+        if operation == "ack":
+            return await self.inner.ack(queue, ids)
+        if operation == "set_vt":
+            assert vt is not None
+            return await self.inner.set_vt(queue, ids, vt)
+        return await self.inner.archive(queue, ids, errors)
+
     async def _send(self, lane: _Lane, batch: _Batch) -> None:
-        operation, queue, vt = lane.key
-        ids = list(batch.ids)
+        operation, queue, _ = lane.key
+        refused = False
         try:
-            if operation == "claim":
-                assert vt is not None
-                result: Any = await self.inner.claim(queue, ids, vt)
-            elif operation == "ack":
-                result = await self.inner.ack(queue, ids)
-            elif operation == "set_vt":
-                assert vt is not None
-                result = await self.inner.set_vt(queue, ids, vt)
-            else:
-                result = await self.inner.archive(queue, ids, batch.errors)
+            result: Any = await self._call(lane.key, list(batch.ids), batch.errors)
         except asyncio.CancelledError:
             _fail(batch, RpcError(operation, None, "cancelled: the worker is shutting down"))
             raise
-        except Exception as error:  # every caller sees it, as if it had called alone
-            _fail(batch, error)
-            return
+        except Exception as error:  # noqa: BLE001 - handed to the callers
+            if len(batch.waiters) < 2 or (isinstance(error, RpcError) and error.transient):
+                _fail(batch, error)  # every caller sees it, as if it had called alone
+                return
+            # Refused by the database (4xx) or failed in the client: see below.
+            refused = True
         finally:
             lane.in_flight -= 1
             self._dispatch(lane)
-        if operation == "claim":
-            orphans = _deliver_messages(batch, result)
-            if orphans:
-                await self._release(queue, orphans)
-        else:
-            _deliver_ids(batch, result)
+        try:
+            if refused:
+                # A refused call changed nothing (its transaction rolled back), so
+                # each caller's part can be sent alone: a caller whose input was at
+                # fault fails alone, as if it had called alone, and the others go on.
+                await self._one_by_one(lane.key, batch)
+            elif operation == "claim":
+                orphans = _deliver_messages(batch, result)
+                if orphans:
+                    await self._release(queue, orphans)
+            else:
+                _deliver_ids(batch, result)
+        except asyncio.CancelledError:
+            _fail(batch, RpcError(operation, None, "cancelled: the worker is shutting down"))
+            raise
+
+    async def _one_by_one(self, key: Key, batch: _Batch) -> None:
+        operation, queue, _ = key
+        log.warning(
+            "a batched queue call was refused; sending each caller's part alone",
+            extra={"queue": queue, "operation": operation, "count": len(batch.waiters)},
+        )
+        taken: set[int] = set()
+        for waiter in batch.waiters:
+            if waiter.future.done():
+                continue  # cancelled meanwhile: nothing to do for it
+            # An id asked for twice goes to the first caller only, as in a batch.
+            ids = [i for i in dict.fromkeys(waiter.ids) if i not in taken]
+            taken.update(ids)
+            alone = _Batch(waiters=[waiter])
+            try:
+                # Only this caller's errors: another's may be what was refused.
+                errors = {i: batch.errors[i] for i in ids if i in batch.errors}
+                result = await self._call(key, ids, errors) if ids else []
+            except Exception as error:  # noqa: BLE001 - this caller's own failure
+                _fail(alone, error)
+                continue
+            if operation == "claim":
+                orphans = _deliver_messages(alone, result)
+                if orphans:
+                    await self._release(queue, orphans)
+            else:
+                _deliver_ids(alone, result)
 
     async def _release(self, queue: str, messages: list[QueueMessage]) -> None:
         # Claimed for callers that were cancelled meanwhile: visible again now
@@ -289,13 +369,22 @@ class CoalescingQueue:
         self._closed = True
         for lane in list(self._lanes.values()):
             self._dispatch(lane)
-        if self._sending:
-            _, late = await asyncio.wait(set(self._sending), timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-            if late:
-                log.warning("queue calls cut short at shutdown", extra={"count": len(late)})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A call that ends may start another (a release of what it claimed for nobody).
+        while self._sending and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._sending), timeout=remaining)
+        late = set(self._sending)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning("queue calls cut short at shutdown", extra={"count": len(late)})
+
+
+def is_msg_id(value: object) -> bool:
+    """Whether `value` can be a pgmq msg_id: an int (not a bool) from 1 to 2^63-1."""
+    return type(value) is int and 1 <= value <= MAX_MSG_ID
 
 
 def _fail(batch: _Batch, error: BaseException) -> None:

@@ -7,12 +7,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+# pgmq's msg_id is a bigint identity: 1 to 2^63-1. Any other number names no message.
+MAX_MSG_ID = 2**63 - 1
+
 
 class QueueMessage(BaseModel):
     """One row of `pgmq.q_<queue>`, parsed by key.
 
     pgmq versions differ in their columns (`headers` since 1.5, `last_read_at` since
     1.10), so unknown keys are ignored and `headers` may be absent.
+
+    `unreadable` is set, and `message` and `headers` left empty, when the row's JSON
+    could not be parsed (app/queue/rows.py); it says why. The runner archives such a
+    message without running it.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -23,3 +30,4 @@ class QueueMessage(BaseModel):
     vt: datetime
     message: Any = None
     headers: dict[str, Any] | None = None
+    unreadable: str | None = None

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from app import __version__, metrics
 from app.queue.backend import ArchivedMessage, QueueMetrics
 from app.queue.models import QueueMessage
+from app.queue.rows import parse_archived, parse_reply
 
 T = TypeVar("T")
 
@@ -95,6 +96,15 @@ class SupabaseRpc:
         """
         return await self._timed(function, args, shape.validate_json)
 
+    async def call_with(
+        self, function: str, args: dict[str, Any], parse: Callable[[bytes], T]
+    ) -> T | None:
+        """Like `call`, the response's bytes read by `parse` (None for 204).
+
+        `parse` raises ValueError for a body it cannot read.
+        """
+        return await self._timed(function, args, parse)
+
     async def _timed(
         self, function: str, args: dict[str, Any], parse: Callable[[bytes], T]
     ) -> T | None:
@@ -159,7 +169,6 @@ def _error_from(function: str, response: httpx.Response) -> RpcError:
     return RpcError(function, response.status_code, response.reason_phrase or "error")
 
 
-_MESSAGES = TypeAdapter(list[QueueMessage])
 _IDS = TypeAdapter(list[int])
 
 
@@ -170,12 +179,13 @@ class RpcQueue:
         self._rpc = rpc
 
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
+        # parse_reply: one pass over the bytes, or row by row when a row spoils it.
         args = {"queue_name": queue, "msg_ids": list(msg_ids), "vt": vt}
-        return await self._rpc.call_as("claim", args, _MESSAGES) or []
+        return await self._rpc.call_with("claim", args, parse_reply) or []
 
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
         args = {"queue_name": queue, "vt": vt, "qty": qty}
-        return await self._rpc.call_as("read", args, _MESSAGES) or []
+        return await self._rpc.call_with("read", args, parse_reply) or []
 
     async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         args = {"queue_name": queue, "msg_ids": list(msg_ids)}
@@ -220,10 +230,8 @@ class RpcQueue:
     async def archived(
         self, queue: str, limit: int, before_id: int | None = None
     ) -> list[ArchivedMessage]:
-        rows = await self._rpc.call(
-            "archived", {"queue_name": queue, "max_rows": limit, "before_id": before_id}
-        )
-        return [ArchivedMessage.model_validate(row) for row in rows]
+        args = {"queue_name": queue, "max_rows": limit, "before_id": before_id}
+        return await self._rpc.call_with("archived", args, parse_archived) or []
 
     async def replay(self, queue: str, msg_id: int) -> int | None:
         new_id = await self._rpc.call("replay", {"queue_name": queue, "msg_id": msg_id})

@@ -23,6 +23,8 @@ from typing import Any, Final, LiteralString
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -30,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from app import metrics
 from app.queue.backend import ArchivedMessage, QueueMetrics
 from app.queue.models import QueueMessage
+from app.queue.rows import archived_from_columns, message_from_columns
 from app.queue.rpc import RpcError
 
 # Function names callers may pass to `call()`; anything else never reaches SQL.
@@ -218,6 +221,13 @@ def _call_query(
     )
 
 
+class _JsonText(Loader):
+    """json and jsonb columns as the text PostgreSQL sent (bytes), not parsed."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
 class SqlQueue:
     """`QueueBackend` and `RpcCaller` over a psycopg connection pool.
 
@@ -262,19 +272,27 @@ class SqlQueue:
 
     # -- QueueBackend ---------------------------------------------------------
 
+    # Claimed rows keep their jsonb columns as text, parsed one column at a time
+    # (app/queue/rows.py): psycopg's own loader would parse them while fetching, and
+    # one column it cannot parse would fail the whole fetch after the claim.
+
     async def claim(self, queue: str, msg_ids: Sequence[int], vt: int) -> list[QueueMessage]:
         rows = await self._rows(
             "claim",
             "select * from {fn}(%s::text, %s::bigint[], %s::integer)",
             (queue, list(msg_ids), vt),
+            raw_json=True,
         )
-        return [QueueMessage.model_validate(row) for row in rows]
+        return [message_from_columns(row) for row in rows]
 
     async def read(self, queue: str, vt: int, qty: int) -> list[QueueMessage]:
         rows = await self._rows(
-            "read", "select * from {fn}(%s::text, %s::integer, %s::integer)", (queue, vt, qty)
+            "read",
+            "select * from {fn}(%s::text, %s::integer, %s::integer)",
+            (queue, vt, qty),
+            raw_json=True,
         )
-        return [QueueMessage.model_validate(row) for row in rows]
+        return [message_from_columns(row) for row in rows]
 
     async def ack(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         rows = await self._rows(
@@ -332,8 +350,9 @@ class SqlQueue:
             "archived",
             "select * from {fn}(%s::text, %s::integer, %s::bigint)",
             (queue, limit, before_id),
+            raw_json=True,
         )
-        return [ArchivedMessage.model_validate(row) for row in rows]
+        return [archived_from_columns(row) for row in rows]
 
     async def replay(self, queue: str, msg_id: int) -> int | None:
         rows = await self._rows(
@@ -405,15 +424,26 @@ class SqlQueue:
     # -- plumbing ---------------------------------------------------------------
 
     async def _rows(
-        self, function: str, template: LiteralString, params: Sequence[Any]
+        self,
+        function: str,
+        template: LiteralString,
+        params: Sequence[Any],
+        *,
+        raw_json: bool = False,
     ) -> list[dict[str, Any]]:
-        """Runs one statement on `<schema>.<function>`; rows as dicts; errors as RpcError."""
+        """Runs one statement on `<schema>.<function>`; rows as dicts; errors as RpcError.
+
+        With `raw_json`, json and jsonb columns come as their text (bytes), unparsed.
+        """
         query = sql.SQL(template).format(fn=sql.Identifier(self._schema, function))
         started = time.perf_counter()
         result = "error"
         try:
             async with asyncio.timeout(self._timeout), self._pool.connection() as conn:
                 cursor = conn.cursor(row_factory=dict_row)
+                if raw_json:
+                    for name in ("json", "jsonb"):
+                        cursor.adapters.register_loader(name, _JsonText)
                 await cursor.execute(query, params)
                 rows = await cursor.fetchall()
             result = "ok"

@@ -9,6 +9,7 @@ whatever the number of running jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ class Leases:
         self.vt = vt
         self._vt = dict(per_queue or {})
         self._held: defaultdict[str, set[int]] = defaultdict(set)
+        self._stopped = asyncio.Event()
+        self._renewal: asyncio.Future[None] | None = None
 
     def hold(self, queue: str, msg_id: int) -> None:
         self._held[queue].add(msg_id)
@@ -51,8 +54,23 @@ class Leases:
                 log.warning("lease renewal failed", extra={"queue": queue, "error": str(error)})
 
     async def run(self) -> None:
-        """Renews leases every third of the shortest vt until cancelled."""
+        """Renews leases every third of the shortest vt until cancelled or stopped."""
         interval = min([self.vt, *self._vt.values()]) / 3
-        while True:
-            await asyncio.sleep(interval)
-            await self.renew()
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):  # not wait_for: see Sweeper
+                    await self._stopped.wait()
+            if not self._stopped.is_set():
+                # A task of its own: cancelling the heartbeat never cuts a renewal short.
+                self._renewal = asyncio.ensure_future(self.renew())
+                await asyncio.shield(self._renewal)
+
+    async def stop(self) -> None:
+        """Stops renewing, once the renewal under way (if any) has landed.
+
+        Called before messages are released at shutdown: a renewal landing after
+        a release would hide the message again for a whole lease.
+        """
+        self._stopped.set()
+        if self._renewal is not None:
+            await asyncio.gather(asyncio.shield(self._renewal), return_exceptions=True)

@@ -9,7 +9,8 @@ heartbeat). The runner alone decides the message's fate:
 - success: ack (delete); a failed ack is retried in-process, never the job;
 - retryable failure (RetryableError, a timeout, any unexpected exception): visible
   again after an exponential, jittered backoff, until the last attempt;
-- permanent failure, or the last attempt: archived with its error.
+- permanent failure, or the last attempt: archived with its error;
+- a message whose JSON the worker cannot parse: archived at once, not run.
 
 Each queue runs at most its `max_concurrency` jobs (so a slow queue cannot take
 the slots of another); work offered beyond that stays in the queue for the
@@ -45,6 +46,9 @@ from app.worker.ratelimit import RateLimiter
 from app.worker.settle import Settler
 
 log = logging.getLogger(__name__)
+
+# How long a drain waits for cancelled jobs to end before it gives their messages back.
+CANCELLED_JOB_SECONDS = 2.0
 
 
 class Offer(enum.Enum):
@@ -101,6 +105,7 @@ class Runner:
         self._background: list[asyncio.Task[None]] = []
         self._metrics = {q: _JobMetrics(q) for q in processors}
         self.draining = False
+        self._hurry = asyncio.Event()  # set by hurry(): the drain stops waiting for jobs
 
     @property
     def queues(self) -> frozenset[str]:
@@ -240,6 +245,14 @@ class Runner:
             # Finished here before; only its ack or archive is outstanding.
             self.settler.poke()
             return "duplicate"
+        if message.unreadable is not None:
+            # Its JSON cannot be parsed (app/queue/rows.py): it never will be.
+            error = _error_record("UnreadableMessage", message.unreadable, message.read_ct)
+            log.warning(
+                "unreadable message; archiving", extra={**context, "error": error["message"]}
+            )
+            await self.settler.archive(queue, msg_id, error)
+            return "archived"
         config = self._configs[queue]
         retry = config.retry
         if message.read_ct > retry.max_attempts:
@@ -299,28 +312,44 @@ class Runner:
 
     # -- stopping ----------------------------------------------------------
 
+    def hurry(self) -> None:
+        """Cuts a drain short: running jobs are cancelled and given back at once."""
+        self._hurry.set()
+
     async def drain(self, grace: float) -> None:
-        """Stops taking work, lets running jobs finish within `grace` seconds,
-        gives the unfinished ones back to the queue and settles what is owed."""
+        """Stops taking work, lets running jobs finish within `grace` seconds (or
+        until `hurry()`), gives the unfinished ones back to the queue and settles
+        what is owed."""
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # Claims under way start jobs of their own: wait until no task is left.
-        while self._tasks and (remaining := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._tasks), timeout=remaining)
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            # Claims under way start jobs of their own: wait until no task is left.
+            while self._tasks and not hurried.done() and (remaining := deadline - loop.time()) > 0:
+                await asyncio.wait(
+                    {*self._tasks, hurried}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurried.cancel()
         pending = set(self._tasks)
         if pending:
+            # No renewal may land after the release below and hide a message again.
+            await self.leases.stop()
             unfinished = {q: self.leases.held(q) for q in self._processors}
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            # A job's own clean-up (a polite SMTP QUIT to a stuck server, say) must
+            # not hold its message hidden: it gets a moment, then the release goes on.
+            await asyncio.wait(pending, timeout=CANCELLED_JOB_SECONDS)
             log.warning("shutdown cancelled unfinished jobs", extra={"count": len(pending)})
             for queue, ids in unfinished.items():
                 if ids:
                     # Visible again now, for another replica or the next start.
                     with contextlib.suppress(RpcError):  # else when the lease runs out
                         await self._backend.set_vt(queue, sorted(ids), 0)
-        await self.settler.close(timeout=min(max(grace, 1.0), 10.0))
+        settle = 1.0 if self._hurry.is_set() else min(max(grace, 1.0), 10.0)
+        await self.settler.close(timeout=settle)
 
     async def close(self) -> None:
         for task in self._background:

@@ -112,7 +112,10 @@ class Settler:
             # Sleep the backoff, but wake early when poked.
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+                # cancellation that comes as the wait ends, and close() would wait.
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             if await self.flush():
                 log.info("pending acks and archives completed")
             else:

@@ -51,6 +51,7 @@ class Sweeper:
         # Per queue: passes completed (the first one runs at start).
         self.passes: dict[str, int] = dict.fromkeys(runner.queues, 0)
         self.interval = interval
+        self._stopping = False
 
     def start(self) -> None:
         self._tasks = [
@@ -78,7 +79,7 @@ class Sweeper:
         self.batch_size.setdefault(queue, min(MIN_BATCH, self.max_batch))
         backlog = self._backlog.setdefault(queue, asyncio.Event())
         deferred = self._runner.deferred[queue]
-        while not self._runner.draining:
+        while not (self._stopping or self._runner.draining):
             if reader:
                 await backlog.wait()  # the other readers help only while a backlog lasts
             else:
@@ -103,10 +104,12 @@ class Sweeper:
                 # once half a batch of slots is free, but at least every interval so
                 # that readiness sees the sweeper alive while long jobs hold every slot.
                 refill = max(1, min(size, self._runner.capacity(queue)) // 2)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+                # cancellation that comes as the wait ends (a slot freed), and stop()
+                # then waited for a sweeper that went on reading.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._runner.wait_for_capacity(queue, refill), timeout=self.interval
-                    )
+                    async with asyncio.timeout(self.interval):
+                        await self._runner.wait_for_capacity(queue, refill)
                 continue
             if reader:
                 continue
@@ -116,6 +119,9 @@ class Sweeper:
             wake.clear()
 
     async def stop(self) -> None:
+        """Stops every reader. A read under way is not lost: the queue layer makes what
+        it claimed visible again when it returns (app/queue/coalesce.py)."""
+        self._stopping = True  # should a cancellation be swallowed, the loop still ends
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,11 +42,22 @@ class ServiceProcess:
     """The service on a loopback port, started and stopped at will: `python -m uvicorn
     app.main:app`, or with `console_script` as `queue-worker` runs it (app.cli)."""
 
-    def __init__(self, settings: Settings, log_dir: Path, *, console_script: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        *,
+        console_script: bool = False,
+        under_uv: bool = False,
+    ) -> None:
         with contextlib.closing(bound_socket()) as sock:
             self.port = sock.getsockname()[1]
         # `queue-worker` (app.cli) reads HOST/PORT from the settings; uvicorn from flags.
         self.console_script = console_script
+        # `uv run ... uvicorn` in a process group of its own, as a developer or a
+        # container entrypoint starts it: a signal to the group reaches uvicorn
+        # twice (from the kernel, and forwarded by uv).
+        self.under_uv = under_uv
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_dir = log_dir
@@ -62,11 +74,16 @@ class ServiceProcess:
         env["PYTHONPATH"] = str(ROOT)
         self.starts += 1
         log = self.log_path.open("wb")
+        python = [sys.executable]
+        if self.under_uv:
+            uv = shutil.which("uv")
+            assert uv is not None, "uv is not on PATH"
+            python = [uv, "run", "--project", str(ROOT), "--no-sync", "python"]
         command = (
-            [sys.executable, "-m", "app.cli"]
+            [*python, "-m", "app.cli"]
             if self.console_script
             else [
-                sys.executable,
+                *python,
                 "-m",
                 "uvicorn",
                 "app.main:app",
@@ -83,6 +100,7 @@ class ServiceProcess:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.under_uv,
         )
         log.close()
         # Each worker process imports and starts the whole service on its own.
@@ -109,16 +127,38 @@ class ServiceProcess:
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, as a crash or an OOM kill."""
         assert self._process is not None
-        self._process.kill()
+        if self.under_uv:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        else:
+            self._process.kill()
         self._process.wait(timeout=10)
 
     def signal(self, signum: int) -> None:
         assert self._process is not None
         self._process.send_signal(signum)
 
+    def signal_group(self, signum: int) -> None:
+        """`signum` to the whole process group (a terminal's Ctrl-C, `docker stop`
+        of a shell entrypoint, `kill -TERM -<pgid>`); only with `under_uv`."""
+        assert self._process is not None and self.under_uv
+        os.killpg(self._process.pid, signum)
+
     def wait(self, timeout: float) -> int:
+        """The exit status; AssertionError with the end of the log if not within `timeout`."""
         assert self._process is not None
-        return self._process.wait(timeout=timeout)
+        try:
+            return self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tail = self.log_path.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"still running after {timeout}s; log ends:\n{tail}") from None
+
+    def wait_or_none(self, timeout: float) -> int | None:
+        """The exit status within `timeout` seconds, or None while it still runs."""
+        assert self._process is not None
+        try:
+            return self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -126,16 +166,17 @@ class ServiceProcess:
             try:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                self.kill()
 
 
 @contextlib.contextmanager
 def service_process(
-    settings: Settings, *, console_script: bool = False
+    settings: Settings, *, console_script: bool = False, under_uv: bool = False
 ) -> Iterator[ServiceProcess]:
     with tempfile.TemporaryDirectory(prefix="qw-service-") as tmp:
-        process = ServiceProcess(settings, Path(tmp), console_script=console_script)
+        process = ServiceProcess(
+            settings, Path(tmp), console_script=console_script, under_uv=under_uv
+        )
         process.start()
         try:
             yield process

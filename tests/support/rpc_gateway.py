@@ -28,6 +28,7 @@ Use it through `running_gateway(db)`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import json
@@ -516,6 +517,7 @@ class RpcGateway:
         self._counters = _Counters()
         self._down = False
         self._failing: frozenset[str] = frozenset()
+        self._delays: dict[str, float] = {}
         self._pool: AsyncConnectionPool | None = None
         self._port = 0
         self._url: str | None = None
@@ -600,6 +602,14 @@ class RpcGateway:
         """
         self._failing = frozenset(functions)
 
+    def delay_answers(self, seconds: float, *functions: str) -> None:
+        """Holds the answers of these functions for `seconds` after the database has
+        committed (none: answer at once), as a slow network on the way back would.
+
+        Lets a test cancel a caller whose call has already taken effect.
+        """
+        self._delays = dict.fromkeys(functions, seconds)
+
     @property
     def calls(self) -> Counter[str]:
         """RPC requests received per `schema.function` (refused ones included)."""
@@ -668,7 +678,11 @@ class RpcGateway:
                 raise pgrst_error(405, "PGRST101", f"Cannot use the {method} method on RPC")
             schema = self._schema(profile)
             body, keys = await self._arguments(request)
-            return await self._call(request, caller, schema, fn, body, keys)
+            response = await self._call(request, caller, schema, fn, body, keys)
+            delay = self._delays.get(fn)
+            if delay:
+                await asyncio.sleep(delay)
+            return response
         except ApiError as exc:
             return exc.response()
 
