@@ -17,8 +17,10 @@ from typing import Any, Final
 from app.errors import PermanentError
 from app.job_input import unstorable
 from app.processors import Registry
-from app.queue.backend import ArchivedMessage, QueueBackend
+from app.queue import schedules
+from app.queue.backend import ArchivedMessage, QueueBackend, RpcCaller
 from app.queue.models import MAX_MSG_ID
+from app.queue.schedules import Schedule
 
 # A job may wait at most a week before it runs.
 MAX_DELAY_SECONDS: Final = 7 * 86_400
@@ -76,6 +78,27 @@ def _bounded(name: str, value: int, low: int, high: int) -> None:
         raise OperationError("invalid_request", f"{name}: must be from {low} to {high}")
 
 
+def check_job(processors: Registry, queue: str, message: Any) -> None:
+    """InvalidMessage, naming the problem, unless `message` is a job `queue` can take.
+
+    First what the database (or the worker, reading it back) could not take: depth
+    and text (app/job_input.py); then, when this service processes `queue`, what its
+    processor refuses. A queue served elsewhere gets the first check only.
+    """
+    if not isinstance(message, dict):
+        raise InvalidMessage("message: a job is a JSON object")
+    problem = unstorable(message)
+    if problem is not None:
+        raise InvalidMessage(f"message: {problem}")
+    processor = processors.get(queue)
+    if processor is None:
+        return
+    try:
+        processor.validate(message)
+    except PermanentError as error:
+        raise InvalidMessage(str(error)) from None
+
+
 async def enqueue(
     backend: QueueBackend,
     processors: Registry,
@@ -101,17 +124,7 @@ async def enqueue(
             f"idempotency key: 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters, "
             "no space at either end",
         )
-    if not isinstance(message, dict):
-        raise InvalidMessage("message: a job is a JSON object")
-    # Before the processor sees it: depth and text the database (or the worker,
-    # reading it back) could not take; said here rather than as an RPC failure.
-    problem = unstorable(message)
-    if problem is not None:
-        raise InvalidMessage(f"message: {problem}")
-    try:
-        processors[queue].validate(message)
-    except PermanentError as error:
-        raise InvalidMessage(str(error)) from None
+    check_job(processors, queue, message)
     headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
     return await backend.send(queue, message, delay_seconds, headers)
 
@@ -204,3 +217,16 @@ async def replay(backend: QueueBackend, processors: Registry, queue: str, msg_id
     if new_id is None:
         raise NotArchived(queue, msg_id)
     return new_id
+
+
+async def set_schedule(
+    rpc: RpcCaller, processors: Registry, name: str, cron: str, queue: str, job: Any
+) -> Schedule:
+    """Creates or replaces a schedule whose runs enqueue `job` into `queue`.
+
+    The job is checked as an enqueued one is (`check_job`), so a schedule never
+    enqueues a job that could not succeed; the database checks the name, the cron
+    expression and the queue (`schedules.ScheduleError`).
+    """
+    check_job(processors, queue, job)
+    return await schedules.set_schedule(rpc, name, cron, queue, job)

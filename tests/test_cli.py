@@ -51,7 +51,7 @@ def archive(db: Database, job: dict[str, Any], error: str) -> int:
 def test_help_version_and_usage_errors(tmp_path: Path) -> None:
     ran = run_cli("--help", cwd=tmp_path)
     assert ran.code == 0
-    for verb in ("serve", "check", "migrate", "queues", "enqueue", "dead", "replay"):
+    for verb in ("serve", "check", "migrate", "queues", "enqueue", "dead", "replay", "schedules"):
         assert f"    {verb} " in ran.out, verb
     assert "exit codes: 0 ok, 1 failure, 2 bad usage or configuration" in ran.out
 

@@ -33,6 +33,7 @@ from app.processors.reports import PaymentsSummaryParams
 from app.queue import schedules
 from app.queue.sql import SqlQueue
 from tests.conftest import MAIL_FROM, register_in_vault
+from tests.support.cli import Ran, run_cli
 from tests.support.cron import (
     CRON_DATABASE,
     cron_cluster,
@@ -188,6 +189,67 @@ def test_without_pg_cron_the_api_answers_409_with_the_fix(
         "cron": {"version": None, "usable": False, "time_zone": None, "seconds": False},
         "schedules": [],
     }
+
+
+def test_the_cli_lists_sets_and_removes_schedules(
+    cron_db: Database, cron_gateway: GatewayHandle, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    settings = settings_against(cron_gateway, smtp, mail_from=MAIL_FROM)
+    job = json.dumps(WEEKLY_REPORT["job"])
+
+    def cli(*args: str) -> Ran:
+        return run_cli(*args, settings=settings, cwd=tmp_path)
+
+    put = cli("schedules", "set", "weekly-payments-summary", "0 9 * * 1", "reports_queue", job)
+    assert put.code == 0, put.err
+    assert "weekly-payments-summary  0 9 * * 1  reports_queue  yes" in put.out
+
+    listed = cli("schedules", "--json")
+    assert listed.code == 0, listed.err
+    body = json.loads(listed.out)
+    assert body["cron"]["version"] == "1.4-1"
+    assert [(s["name"], s["queue"], s["job"]) for s in body["schedules"]] == [
+        ("weekly-payments-summary", "reports_queue", WEEKLY_REPORT["job"])
+    ]
+    assert [row[2] for row in cron_jobs(cron_db)] == ["0 9 * * 1"]
+    human = cli("schedules")
+    assert human.out.splitlines()[0].startswith("pg_cron 1.4-1: times in ")
+
+    # The database names a bad expression; the processor a job that could never succeed.
+    nightly = json.dumps(email("nightly"))
+    bad_cron = cli("schedules", "set", "nightly", "61 3 * * *", "email_queue", nightly)
+    assert bad_cron.code == 1 and "minute field: 61 is outside 0-59" in bad_cron.err
+    bad_job = cli("schedules", "set", "nightly", "0 3 * * *", "email_queue", '{"to": "a@b.c"}')
+    assert bad_job.code == 1 and "invalid EmailJob message" in bad_job.err, bad_job.err
+    assert "Traceback" not in bad_cron.err + bad_job.err
+
+    assert cli("schedules", "remove", "weekly-payments-summary").code == 0
+    again = cli("schedules", "remove", "weekly-payments-summary")
+    assert again.code == 1 and "no schedule named 'weekly-payments-summary'" in again.err
+    assert (
+        cron_jobs(cron_db) == [] and json.loads(cli("schedules", "--json").out)["schedules"] == []
+    )
+
+
+def test_without_pg_cron_the_cli_says_how_to_enable_it(
+    db: Database, gateway: GatewayHandle, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    settings = settings_against(gateway, smtp, mail_from=MAIL_FROM)
+    job = json.dumps(WEEKLY_REPORT["job"])
+    ran = run_cli(
+        "schedules",
+        "set",
+        "weekly",
+        "0 9 * * 1",
+        "reports_queue",
+        job,
+        settings=settings,
+        cwd=tmp_path,
+    )
+    assert ran.code == 1
+    assert "pg_cron is not enabled" in ran.err and "create extension pg_cron" in ran.err
+    listed = run_cli("schedules", settings=settings, cwd=tmp_path)
+    assert listed.code == 0 and listed.out.startswith("pg_cron: not enabled")
 
 
 # -- the SQL functions ------------------------------------------------------------------

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from app import operations
 from app.api.deps import BearerSecret, Services, get_services
 from app.api.errors import ApiError
-from app.errors import PermanentError
 from app.queue import schedules
 from app.queue.schedules import CronUnavailable, ScheduleError
 
@@ -66,19 +66,15 @@ async def get_schedule(name: ScheduleName, services: ServicesDep) -> dict[str, A
 async def set_schedule(
     name: ScheduleName, services: ServicesDep, schedule: Annotated[ScheduleIn, Body()]
 ) -> dict[str, Any]:
-    """Creates or replaces a schedule. A job for a queue this service processes is
-    validated as its processor would, so a schedule can never enqueue a job that
-    could not succeed."""
-    processor = services.processors.get(schedule.queue)
-    if processor is not None:
-        try:
-            processor.validate(schedule.job)
-        except PermanentError as error:
-            raise ApiError(422, "invalid_message", str(error)) from None
+    """Creates or replaces a schedule. Its job is checked as an enqueued job is (its
+    bounds, and its processor when this service processes the queue), so a schedule
+    can never enqueue a job that could not succeed."""
     try:
-        row = await schedules.set_schedule(
-            services.rpc, name, schedule.cron, schedule.queue, schedule.job
+        row = await operations.set_schedule(
+            services.rpc, services.processors, name, schedule.cron, schedule.queue, schedule.job
         )
+    except operations.OperationError as error:
+        raise ApiError(error.status, error.code, error.message) from None
     except ScheduleError as error:
         raise _refused(error) from None
     return row.model_dump(mode="json")

@@ -11,6 +11,7 @@ working). Verbs, each a module of this package:
     queues, enqueue, dead, replay
               operator commands over the service's own backend and the same
               operations as the manual HTTP API (operator.py)
+    schedules list, show, set and remove jobs pg_cron enqueues (schedules.py)
 
 Exit codes: 0 success; 1 the command ran and something failed or was refused;
 2 bad usage or configuration (nothing was attempted). Settings come from the
@@ -28,11 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app import __version__
-from app.cli import check, migrate, operator, serving
+from app.cli import check, migrate, operator, schedules, serving
 from app.cli.common import Exit, warn
 
 # The verb modules, in the order `--help` lists them.
-VERBS = (serving, check, migrate, operator)
+VERBS = (serving, check, migrate, operator, schedules)
 
 
 def _env_file(text: str) -> Path:

@@ -120,10 +120,10 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 def _call(args: argparse.Namespace, operation: Callable[[Opened], Awaitable[T]]) -> T:
     config = settings(args)
-    return _run(config, operation)
+    return run_operation(config, operation)
 
 
-def _run(config: Settings, operation: Callable[[Opened], Awaitable[T]]) -> T:
+def run_operation(config: Settings, operation: Callable[[Opened], Awaitable[T]]) -> T:
     from app.config import ConfigError
     from app.local import LocalModeError
     from app.logs import configure
@@ -197,7 +197,7 @@ def read_job(source: str, max_bytes: int) -> Any:
 def run_enqueue(args: argparse.Namespace) -> int:
     config = settings(args)
     job = read_job(args.job, config.max_api_body_bytes)
-    msg_id = _run(
+    msg_id = run_operation(
         config,
         lambda s: operations.enqueue(
             s.backend,
