@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import __version__, local
+from app import __version__, local, preflight
 from app.api import queues, routers, schedules
 from app.api.deps import Services
 from app.api.errors import ApiError, http_error, internal_error, invalid_request
@@ -165,6 +165,20 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def warn_at_start(settings: Settings, rpc: RpcCaller, queues: Sequence[str]) -> None:
+    """One warning per failed database check of `queue-worker check`, with its fix."""
+    if settings.local_mode:
+        return
+    failures = await preflight.at_start(settings, rpc, queues)
+    for result in failures:
+        log.warning(
+            "start-up check failed",
+            extra={"check": result.name, "detail": result.detail, "fix": result.fix or ""},
+        )
+    if not failures:
+        log.info("start-up checks passed", extra={"queues": ",".join(queues)})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app. Without `settings`, they are read from the environment."""
     settings = local.with_local_token(settings or load_settings())
@@ -235,12 +249,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             log.info("queue-worker started", extra={"queues": ",".join(sorted(runner.queues))})
+            checked = asyncio.create_task(
+                warn_at_start(settings, rpc, sorted(runner.queues)), name="check at start"
+            )
+            app.state.checked_at_start = checked
             if settings.local_mode:
                 print(local.banner(settings), file=sys.stderr, flush=True)  # noqa: T201
             try:
                 yield
             finally:
                 restore_signals()
+                checked.cancel()
                 await drain()
                 await runner.close()
                 await backend.close()  # sends claims/acks still batched

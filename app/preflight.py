@@ -403,6 +403,29 @@ def _smtp_fix(step: str) -> str:
     return "check SMTP_USER and SMTP_PASSWORD (many providers want an API key or app password)"
 
 
+async def at_start(
+    settings: Settings, rpc: RpcCaller, queues: Sequence[str], *, timeout: float = 5.0
+) -> list[Result]:
+    """The database checks of `check` that failed, for the log at start.
+
+    A service that starts against a project missing a migration, a Vault secret or a
+    queue's attach_queue would otherwise only show it as jobs that never run. Two
+    calls (the ledger and preflight()), bounded by `timeout`; never raises.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            database, applied, reachable = await check_database(settings, rpc)
+            if not reachable:
+                return [database]
+            results = [check_migrations(settings, applied)]
+            results.extend(await database_facts(settings, rpc, queues, reachable))
+    except TimeoutError:
+        return [failed("rpc", f"no answer within {timeout:g}s at start")]
+    except Exception as error:  # noqa: BLE001 - a check at start never stops the start
+        return [failed("preflight", f"the check at start failed: {error!r}")]
+    return [result for result in results if result.status == "fail"]
+
+
 async def run(
     settings: Settings,
     rpc: RpcCaller,

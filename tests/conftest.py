@@ -155,6 +155,8 @@ def start_service(db: Database, service_settings: Settings) -> Iterator[ServiceF
             # it, so only webhooks (or the test's own sweeps) move them.
             sweeper = app.state.services.sweeper
             wait_until(lambda: all(sweeper.passes.values()), what="the first sweep")
+            # So are the checks at start (app/preflight.py:at_start), and their RPCs.
+            wait_until(lambda: app.state.checked_at_start.done(), what="the checks at start")
             if register:
                 register_in_vault(db, url, settings.webhook_secret.get_secret_value())
             return Service(url=url, settings=settings, app=app)

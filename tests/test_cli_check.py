@@ -10,6 +10,7 @@ untrusted certificate), and the line that reports it must name the fix.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,12 @@ import pytest
 
 from app.config import Settings
 from app.schema import migrations
-from tests.conftest import register_in_vault
+from tests.conftest import ServiceFactory, register_in_vault
 from tests.support.cli import Ran, run_cli
 from tests.support.postgres import OWNER_ROLE, Database
 from tests.support.rpc_gateway import RpcGateway, running_gateway
 from tests.support.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 CHECKS = [
     "settings",
@@ -257,3 +259,43 @@ def test_a_queue_of_ones_own_not_attached(db: Database, ready: Settings, tmp_pat
     failure = only_failure(check(ready, tmp_path), "webhook triggers")
     assert "not attached: sms_queue" in failure
     assert "select queue_worker.attach_queue('sms_queue');" in failure
+
+
+def test_a_service_started_against_an_unready_project_says_so_in_its_log(
+    db: Database,
+    ready: Settings,
+    start_service: ServiceFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same database checks run once at start: a served queue nobody attached would
+    # otherwise show only as jobs that never run.
+    queues = tmp_path / "queues.toml"
+    queues.write_text(
+        '[queues.email_queue]\nprocessor = "email"\n\n'
+        '[queues.fax_queue]\nprocessor = "forward"\nurl = "https://example.net/send-fax"\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="app"):
+        start_service(register=False, queues_file=queues)
+        wait_until(lambda: start_up_failures(caplog), what="the check at start")
+    [failure] = start_up_failures(caplog)
+    fields = vars(failure)  # what the JSON log line carries
+    assert fields["check"] == "webhook triggers"
+    assert "no such queue: fax_queue" in fields["detail"]
+    assert "select queue_worker.attach_queue('fax_queue');" in fields["fix"]
+
+
+def test_a_service_started_against_a_ready_project_warns_of_nothing(
+    ready: Settings, start_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="app"):
+        start_service(register=False)
+        wait_until(
+            lambda: [r for r in caplog.records if r.getMessage() == "start-up checks passed"],
+            what="the check at start",
+        )
+    assert start_up_failures(caplog) == []
+
+
+def start_up_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "start-up check failed"]
