@@ -545,17 +545,20 @@ def test_the_weekly_report_mails_last_weeks_payments(
     assert mail["To"] == "finance@example.com"
 
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "guides" / "schedules.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "guides" / "schedules.md"
 
 
-def docs_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+def docs_blocks(language: str, page: Path = DOCS) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.DOTALL)
 
 
-def test_the_docs_weekly_report_is_the_example_tested_here(cron_db: Database) -> None:
-    assert json.loads(docs_blocks("json")[0]) == WEEKLY_REPORT
+@pytest.mark.parametrize("page", [DOCS, ROOT / "README.md"], ids=["schedules.md", "README.md"])
+def test_the_docs_weekly_report_is_the_example_tested_here(cron_db: Database, page: Path) -> None:
+    if page == DOCS:
+        assert json.loads(docs_blocks("json")[0]) == WEEKLY_REPORT
     with cron_db.connect(role="service_role") as conn:
-        conn.execute(docs_blocks("sql")[0])  # type: ignore[arg-type]
+        conn.execute(docs_blocks("sql", page)[0])  # type: ignore[arg-type]
         listed = conn.execute(
             "select name, cron, queue_name, job from queue_worker.list_schedules()"
         ).fetchall()
