@@ -23,7 +23,7 @@ from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, local, preflight
-from app.api import queues, routers, schedules
+from app.api import console, queues, routers, schedules
 from app.api.deps import Services
 from app.api.errors import ApiError, http_error, internal_error, invalid_request
 from app.api.limits import BodyLimits, body_caps
@@ -312,6 +312,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_token is not None:
         app.include_router(queues.router)
         app.include_router(schedules.router)
+        app.include_router(console.router)
     return app
 
 
