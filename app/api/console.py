@@ -46,6 +46,7 @@ SECURITY_HEADERS: Final = {
 STATIC: Final = {
     "console.css": "text/css; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 # What the page says after an action (a code in the redirect, never text from it).
 NOTICES: Final = {
