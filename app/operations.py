@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -23,6 +23,7 @@ from app.processors import Registry
 from app.queue import schedules
 from app.queue.backend import ArchivedMessage, DeadAction, DeadFilter, QueueBackend, RpcCaller
 from app.queue.models import MAX_MSG_ID
+from app.queue.rpc import RpcError
 from app.queue.schedules import Schedule
 
 # A job may wait at most a week before it runs.
@@ -171,7 +172,12 @@ async def depths(
     A served queue the database does not report (not created yet) has no figures.
     """
     rows = {row.queue_name: row for row in await backend.metrics()}
-    paused = await backend.paused()
+    try:
+        paused: Collection[str] = await backend.paused()
+    except RpcError as error:
+        if error.code not in ("PGRST202", "42883"):  # no such function (RPC, SQL)
+            raise
+        paused = ()  # the database predates pausing: nothing can be paused there
     result = []
     for name in sorted(processors):
         row = rows.get(name)

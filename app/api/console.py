@@ -209,7 +209,7 @@ async def static(name: str) -> Response:
     return Response(
         (HERE / "static" / name).read_bytes(),
         media_type=STATIC[name],
-        headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
+        headers={**SECURITY_HEADERS, "Cache-Control": "max-age=300"},
     )
 
 

@@ -36,6 +36,7 @@ class PauseWatch:
         self._sweeper = sweeper
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._failing = False  # the last read failed: said once, not every poll
 
     def apply(self, queue: str, paused: bool) -> None:
         """Mirrors one queue's state into this process (and its gauge)."""
@@ -59,8 +60,13 @@ class PauseWatch:
         while True:
             try:
                 await self.refresh()
+                self._failing = False
             except RpcError as error:
-                log.warning("paused queues not read", extra={"error": str(error)})
+                if not self._failing:
+                    # A database without migration 20261202005000 answers 404 here;
+                    # claims still work, and `queue-worker check` names the migration.
+                    log.warning("paused queues not read", extra={"error": str(error)})
+                self._failing = True
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
