@@ -252,9 +252,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.shield(draining[0])
 
             runner.start()
-            # Paused queues known before the first sweep, so it reads none of them.
-            with contextlib.suppress(RpcError):
-                await pauses.refresh()
+            # Paused queues known before the first sweep, so it reads none of them (a
+            # database that does not answer delays the start 2 s at most: the claim
+            # refuses a paused queue anyway).
+            with contextlib.suppress(RpcError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await pauses.refresh()
             pauses.start()
             sweeper.start()
             if retention is not None:
