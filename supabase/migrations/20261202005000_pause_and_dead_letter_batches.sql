@@ -233,7 +233,7 @@ comment on function queue_worker.replay(text, bigint) is
   'Moves an archived message back onto its queue as a new message, with its headers, and removes its dead letter; returns the new msg_id. Callable by service_role.';
 
 -- Internal: the statement that picks a window of archived rows (msg_id > $1, at
--- most $2, msg_id <= $6 when given) and says which of them match the filter ($3
+-- most $2) and says which of them match the filter (msg_id <= $6 when given; $3
 -- text in the error, any case; archived at or after $4, before $5; a null filter
 -- matches all). The bound $6 keeps a pass from meeting again what it replayed and
 -- was archived anew (a new message has a higher msg_id).
@@ -245,20 +245,35 @@ set search_path = ''
 as $$
 begin
   perform queue_worker.queue_table(queue_name);
+  -- Each call costs its window, whatever the archive's size and whether its
+  -- statistics are current: the window is read in msg_id order by the primary key
+  -- alone (the $6 bound is part of the match, not of the scan, which would let the
+  -- planner collect and sort the whole range), and each row's body and dead letter
+  -- are then looked up by key (a join could hash a whole table on every call).
   return pg_catalog.format(
     $f$
-    select a.msg_id, a.message, pg_catalog.to_jsonb(a) -> 'headers' as headers,
-           ($3::text is null or pg_catalog.strpos(pg_catalog.lower(
-              coalesce(d.error, pg_catalog.to_jsonb(a) -> 'headers' -> 'queue_worker_error',
-                       'null'::jsonb)::text), pg_catalog.lower($3::text)) > 0)
-           and ($4::timestamptz is null or a.archived_at >= $4::timestamptz)
-           and ($5::timestamptz is null or a.archived_at < $5::timestamptz) as matches
-      from pgmq.%I a
-      left join queue_worker.dead_letters d on d.queue_name = %L and d.msg_id = a.msg_id
-     where a.msg_id > $1 and ($6::bigint is null or a.msg_id <= $6::bigint)
-     order by a.msg_id
-     limit $2
-     for update of a skip locked
+    select w.msg_id, w.row_json -> 'message' as message, w.row_json -> 'headers' as headers,
+           ($6::bigint is null or w.msg_id <= $6::bigint)
+           and ($3::text is null or pg_catalog.strpos(pg_catalog.lower(coalesce(
+              (select d.error from queue_worker.dead_letters d
+                where d.queue_name = %2$L and d.msg_id = w.msg_id),
+              w.row_json -> 'headers' -> 'queue_worker_error', 'null'::jsonb)::text),
+              pg_catalog.lower($3::text)) > 0)
+           and ($4::timestamptz is null or w.archived_at >= $4::timestamptz)
+           and ($5::timestamptz is null or w.archived_at < $5::timestamptz) as matches
+      from (
+        select k.msg_id, k.archived_at,
+               (select pg_catalog.to_jsonb(r) from pgmq.%1$I r where r.msg_id = k.msg_id)
+                 as row_json
+          from (
+            select a.msg_id, a.archived_at from pgmq.%1$I a
+             where a.msg_id > $1
+             order by a.msg_id
+             limit $2
+               for update skip locked
+          ) k
+      ) w
+     order by w.msg_id
     $f$, 'a_' || queue_name, queue_name);
 end
 $$;
