@@ -203,12 +203,19 @@ def run_queues(args: argparse.Namespace) -> int:
         emit_json({"queues": [row.as_dict() for row in rows]})
         return OK
     lines = table(
-        ("queue", "length", "visible", "oldest_s"),
-        [(r.queue, r.length, r.visible, r.oldest_age_seconds) for r in rows],
+        ("queue", "length", "visible", "oldest_s", "state"),
+        [
+            (r.queue, r.length, r.visible, r.oldest_age_seconds, _state(r.paused))
+            for r in rows
+        ],
     )
     for line in lines:
         say(line)
     return OK
+
+
+def _state(paused: bool) -> str:
+    return "paused" if paused else "running"
 
 
 def read_job(source: str, max_bytes: int) -> Any:
