@@ -199,6 +199,9 @@ class Settings(BaseSettings):
     # Bearer token of the manual API (/queues...); the API is off when unset.
     api_token: SecretStr | None = None
     metrics_cache_seconds: float = Field(5.0, ge=0)
+    # Dead letters archived more than this many days ago are deleted, in batches, in
+    # the background (app/worker/retention.py); unset keeps them until purged.
+    archive_retention_days: int | None = Field(None, ge=1, le=3650)
 
     # Server. HOST unset: 0.0.0.0 (every interface, as a container needs), but
     # 127.0.0.1 in local mode, so a laptop does not expose the API and /metrics to

@@ -7,6 +7,7 @@ module (as the tests do) reads no settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -22,7 +23,7 @@ from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, local, preflight
-from app.api import queues, routers, schedules
+from app.api import console, queues, routers, schedules
 from app.api.deps import Services
 from app.api.errors import ApiError, http_error, internal_error, invalid_request
 from app.api.limits import BodyLimits, body_caps
@@ -37,6 +38,8 @@ from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
 from app.queue.sql import SqlQueue
 from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
+from app.worker.pauses import PAUSE_POLL_SECONDS, PauseWatch
+from app.worker.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +207,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 interval=settings.sweep_interval_seconds,
                 batch_size=settings.sweep_batch_size,
             )
+            pauses = PauseWatch(backend, runner, sweeper, interval=PAUSE_POLL_SECONDS)
+            retention = (
+                Retention(backend, runner.queues, days=settings.archive_retention_days)
+                if settings.archive_retention_days is not None
+                else None
+            )
             # Local mode has no webhooks: pgmq's insert notifications ring instead.
             wakeups = (
                 local.InsertWakeups(rpc.conninfo, runner, batch_size=settings.sweep_batch_size)
@@ -219,6 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sweeper=sweeper,
                 queue_stats=QueueStats(backend, max_age=settings.metrics_cache_seconds),
                 rpc=rpc,
+                pauses=pauses,
             )
             draining: list[asyncio.Task[None]] = []
 
@@ -226,6 +236,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("draining", extra={"in_flight": runner.in_flight()})
                 if wakeups is not None:
                     await wakeups.stop()
+                await pauses.stop()
+                if retention is not None:
+                    await retention.stop()
                 await sweeper.stop()
                 await runner.drain(settings.shutdown_grace_seconds)
                 log.info("drained")
@@ -239,7 +252,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.shield(draining[0])
 
             runner.start()
+            # Paused queues known before the first sweep, so it reads none of them (a
+            # database that does not answer delays the start 2 s at most: the claim
+            # refuses a paused queue anyway).
+            with contextlib.suppress(RpcError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await pauses.refresh()
+            pauses.start()
             sweeper.start()
+            if retention is not None:
+                retention.start()
             if wakeups is not None:
                 wakeups.start()
             restore_signals = shutdown.install(drain, runner.hurry)
@@ -293,6 +315,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_token is not None:
         app.include_router(queues.router)
         app.include_router(schedules.router)
+        app.include_router(console.router)
     return app
 
 

@@ -106,6 +106,19 @@ QUEUE_OLDEST_AGE = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+QUEUE_DEAD_LETTERS = Gauge(
+    "queue_worker_queue_dead_letters",
+    "Archived (dead) messages of the queue.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_PAUSED = Gauge(
+    "queue_worker_queue_paused",
+    "1 while the queue is paused (no replica claims from it), else 0.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+
 
 class QueueStats:
     """Queue depths from the database, refreshed at most every `max_age` seconds.
@@ -119,6 +132,8 @@ class QueueStats:
         self._max_age = max_age
         self._fetched = float("-inf")
         self._lock = asyncio.Lock()
+        # Archived messages per queue, as of the last refresh (the console shows them).
+        self.dead_letters: dict[str, int] = {}
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -134,3 +149,13 @@ class QueueStats:
                 QUEUE_LENGTH.labels(row.queue_name).set(row.queue_length)
                 QUEUE_VISIBLE.labels(row.queue_name).set(row.visible_length)
                 QUEUE_OLDEST_AGE.labels(row.queue_name).set(row.oldest_msg_age_sec or 0)
+            try:
+                dead = await self._backend.dead_letter_counts()
+                paused = await self._backend.paused()
+            except Exception as error:  # noqa: BLE001 - a scrape must still answer
+                log.warning("dead letter counts unavailable", extra={"error": str(error)})
+                return
+            self.dead_letters = dead
+            for row in rows:
+                QUEUE_DEAD_LETTERS.labels(row.queue_name).set(dead.get(row.queue_name, 0))
+                QUEUE_PAUSED.labels(row.queue_name).set(1 if row.queue_name in paused else 0)

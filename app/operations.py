@@ -1,4 +1,5 @@
-"""What an operator does to the queues, once: enqueue, list depths, list dead letters, replay.
+"""What an operator does to the queues, once: enqueue, list depths, pause and resume,
+list, replay and purge dead letters.
 
 The manual HTTP API (app/api/queues.py) and the CLI (app/cli/operator.py) both call
 these, with the service's own backend and registry, so a job is validated and
@@ -9,17 +10,20 @@ own answer (an HTTP status, an exit code). Nothing here knows HTTP or argv.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from app.errors import PermanentError
 from app.job_input import unstorable
 from app.processors import Registry
 from app.queue import schedules
-from app.queue.backend import ArchivedMessage, QueueBackend, RpcCaller
+from app.queue.backend import ArchivedMessage, DeadAction, DeadFilter, QueueBackend, RpcCaller
 from app.queue.models import MAX_MSG_ID
+from app.queue.rpc import RpcError
 from app.queue.schedules import Schedule
 
 # A job may wait at most a week before it runs.
@@ -27,6 +31,10 @@ MAX_DELAY_SECONDS: Final = 7 * 86_400
 # Dead letters per page (queue_worker.archived caps at the same).
 MAX_PAGE: Final = 500
 DEFAULT_PAGE: Final = 50
+# Archived rows per call of a bulk replay or purge: each call is one short transaction.
+BULK_BATCH: Final = 1000
+# An error-text filter is a short piece of the message, not a document.
+MAX_ERROR_FILTER: Final = 200
 # An idempotency key is kept as the job's pgmq header `idempotency_key`
 # (supabase/migrations/20261201003100_idempotency_keys.sql): printable ASCII, no
 # space at either end.
@@ -139,6 +147,7 @@ class QueueDepth:
     oldest_age_seconds: int | None
     # Jobs running in this process; None where nothing runs (the CLI).
     in_flight: int | None = None
+    paused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -146,6 +155,7 @@ class QueueDepth:
             "length": self.length,
             "visible": self.visible,
             "oldest_age_seconds": self.oldest_age_seconds,
+            "paused": self.paused,
         }
         if self.in_flight is not None:
             row["in_flight"] = self.in_flight
@@ -162,6 +172,12 @@ async def depths(
     A served queue the database does not report (not created yet) has no figures.
     """
     rows = {row.queue_name: row for row in await backend.metrics()}
+    try:
+        paused: Collection[str] = await backend.paused()
+    except RpcError as error:
+        if error.code not in ("PGRST202", "42883"):  # no such function (RPC, SQL)
+            raise
+        paused = ()  # the database predates pausing: nothing can be paused there
     result = []
     for name in sorted(processors):
         row = rows.get(name)
@@ -172,6 +188,7 @@ async def depths(
                 visible=row.visible_length if row else None,
                 oldest_age_seconds=row.oldest_msg_age_sec if row else None,
                 in_flight=in_flight(name) if in_flight is not None else None,
+                paused=name in paused,
             )
         )
     return result
@@ -217,6 +234,112 @@ async def replay(backend: QueueBackend, processors: Registry, queue: str, msg_id
     if new_id is None:
         raise NotArchived(queue, msg_id)
     return new_id
+
+
+async def set_paused(
+    backend: QueueBackend,
+    processors: Registry,
+    queue: str,
+    paused: bool,
+    *,
+    mirror: Callable[[str, bool], None] | None = None,
+) -> bool:
+    """Pauses (or resumes) `queue` for every replica; True when that changed its state.
+
+    A paused queue keeps its messages and takes new ones; no replica claims any
+    until it is resumed. `mirror` tells this process at once (the service's
+    PauseWatch) instead of at its next poll.
+    """
+    served(processors, queue)
+    changed = await backend.set_paused(queue, paused)
+    if mirror is not None:
+        mirror(queue, paused)
+    return changed
+
+
+def dead_filter(
+    error_text: str | None = None,
+    archived_from: datetime | None = None,
+    archived_to: datetime | None = None,
+) -> DeadFilter:
+    """A checked filter: a short error text, aware times in order."""
+    text = error_text.strip() if error_text else None
+    if text and len(text) > MAX_ERROR_FILTER:
+        raise OperationError("invalid_request", f"error: at most {MAX_ERROR_FILTER} characters")
+    for name, value in (("since", archived_from), ("until", archived_to)):
+        if value is not None and value.tzinfo is None:
+            raise OperationError(
+                "invalid_request", f"{name}: give a time zone (2026-12-02T01:00:00Z)"
+            )
+    if archived_from and archived_to and archived_from >= archived_to:
+        raise OperationError("invalid_request", "since: must be before until")
+    return DeadFilter(text or None, archived_from, archived_to)
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """What a bulk replay or purge did: archived rows looked at, rows acted on, calls made."""
+
+    queue: str
+    action: DeadAction
+    scanned: int
+    affected: int
+    batches: int
+
+    def as_dict(self) -> dict[str, Any]:
+        key = "replayed" if self.action == "replay" else "purged"
+        return {"queue": self.queue, key: self.affected, "scanned": self.scanned}
+
+
+async def bulk_dead(
+    backend: QueueBackend,
+    processors: Registry,
+    queue: str,
+    action: DeadAction,
+    where: DeadFilter,
+    *,
+    everything: bool = False,
+    batch: int = BULK_BATCH,
+) -> Bulk:
+    """Replays or purges every dead letter of `queue` that `where` matches, `batch`
+    archived rows per call (one short transaction each), oldest first.
+
+    An empty filter takes every dead letter of the queue, only with `everything`:
+    a slip of the hand must not purge an archive. Dead letters archived while it
+    runs (a replayed job failing again) are not taken by the same pass.
+    """
+    served(processors, queue)
+    if where.everything and not everything:
+        raise OperationError(
+            "invalid_request",
+            f"no filter: give error, since or until, or all to {action} every dead letter",
+        )
+    newest = await backend.archived(queue, 1)
+    if not newest:
+        return Bulk(queue, action, 0, 0, 0)
+    up_to = newest[0].msg_id
+    after = scanned = affected = batches = 0
+    while True:
+        done = await backend.dead_batch(action, queue, after, batch, where, up_to)
+        batches += 1
+        scanned += done.scanned
+        affected += done.affected
+        if done.scanned == 0 or done.last_id is None or done.last_id >= up_to:
+            return Bulk(queue, action, scanned, affected, batches)
+        after = done.last_id
+        await asyncio.sleep(0)  # the service's jobs and webhooks get their turn
+
+
+async def latest_dead_letters(
+    backend: QueueBackend, processors: Registry, limit: int = DEFAULT_PAGE
+) -> list[tuple[str, ArchivedMessage]]:
+    """The newest dead letters of every served queue together, newest archived first."""
+    _bounded("limit", limit, 1, MAX_PAGE)
+    found: list[tuple[str, ArchivedMessage]] = []
+    for queue in sorted(processors):
+        found.extend((queue, row) for row in await backend.archived(queue, limit))
+    found.sort(key=lambda pair: pair[1].archived_at, reverse=True)
+    return found[:limit]
 
 
 async def set_schedule(

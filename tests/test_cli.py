@@ -93,8 +93,9 @@ def test_queues_shows_each_served_queue(
 
     human = cli(service_settings, tmp_path, "queues")
     assert human.code == 0
-    assert human.lines[0].split() == ["queue", "length", "visible", "oldest_s"]
+    assert human.lines[0].split() == ["queue", "length", "visible", "oldest_s", "state"]
     assert human.lines[1].split()[:3] == ["email_queue", "2", "2"]
+    assert human.lines[1].split()[-1] == "running"
 
 
 def test_enqueue_validates_as_the_manual_api_does(

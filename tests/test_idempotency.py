@@ -234,4 +234,6 @@ def test_a_job_without_a_key_costs_a_claim_and_an_ack_and_nothing_more(
     send(db, MAIL, None, queue="email_queue")
     smtp.wait_for(1)
     wait_until(lambda: queue_rows(db, "email_queue") == [], what="the ack")
-    assert dict(gateway.calls) == {"queue_worker.claim": 1, "queue_worker.ack": 1}
+    calls = dict(gateway.calls)
+    calls.pop("queue_worker.paused_queues", None)  # each process reads the flags every 5 s
+    assert calls == {"queue_worker.claim": 1, "queue_worker.ack": 1}

@@ -140,6 +140,7 @@ def test_enqueue_by_curl_then_drain_delivers_the_mail(
         "length": 1,
         "visible": 1,
         "oldest_age_seconds": listing["queues"][0]["oldest_age_seconds"],
+        "paused": False,
         "in_flight": 0,
     }
     # The sweeper of this service waits an hour between passes: drain asks for one now.

@@ -15,6 +15,7 @@ from app.metrics import QueueStats
 from app.processors import Registry
 from app.queue.backend import QueueBackend, RpcCaller
 from app.worker import Runner, Sweeper
+from app.worker.pauses import PauseWatch
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Services:
     queue_stats: QueueStats
     # The worker's schema functions by name (schedules call them).
     rpc: RpcCaller
+    # Which queues are paused, mirrored from the database (app/worker/pauses.py).
+    pauses: PauseWatch
     # Signed webhook ids seen lately (per process; see app/api/signatures.py).
     replays: ReplayCache = field(default_factory=ReplayCache)
 

@@ -56,8 +56,18 @@ def is_json(content_type: str) -> bool:
     return True
 
 
+def is_form(content_type: str) -> bool:
+    """`application/x-www-form-urlencoded`, what a browser's form posts."""
+    return content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+
+
+# The console's forms (app/api/console.py) post form bodies; every other route takes JSON.
+FORM_PREFIX = "/console/"
+
+
 class BodyLimits:
-    """415 unless the body is JSON; 413 when it is larger than `cap(path)` bytes."""
+    """415 unless the body is JSON (a form under /console/); 413 when it is larger than
+    `cap(path)` bytes."""
 
     def __init__(self, app: ASGIApp, *, cap: Callable[[str], int]) -> None:
         self.app = app
@@ -76,7 +86,11 @@ class BodyLimits:
             return
         if chunked or (length is not None and int(length) > 0):
             content_type = headers.get("content-type")
-            if content_type is not None and not is_json(content_type):
+            if (
+                content_type is not None
+                and not is_json(content_type)
+                and not (scope["path"].startswith(FORM_PREFIX) and is_form(content_type))
+            ):
                 await _refuse(
                     send,
                     415,

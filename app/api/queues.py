@@ -1,4 +1,4 @@
-"""The manual API for operators with curl: enqueue, sweep, inspect and replay.
+"""The manual API for operators with curl: enqueue, sweep, inspect, pause, replay and purge.
 
 Authenticated by `Authorization: Bearer <API_TOKEN>`, separate from the webhook
 secret. Mounted only when API_TOKEN is set. The routes are thin: what they do is
@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from app import operations
 from app.api.deps import BearerSecret, Services, get_services
@@ -19,10 +20,12 @@ from app.job_input import Refused, load_job
 from app.operations import (
     IDEMPOTENCY_KEY_PATTERN,
     MAX_DELAY_SECONDS,
+    MAX_ERROR_FILTER,
     MAX_IDEMPOTENCY_KEY,
     MAX_PAGE,
     OperationError,
 )
+from app.queue.backend import DeadAction
 from app.queue.models import MAX_MSG_ID
 
 router = APIRouter(
@@ -138,3 +141,71 @@ async def replay(
     except OperationError as error:
         raise _refused(error) from None
     return JSONResponse({"queue": queue, "replayed": msg_id, "msg_id": new_id}, status_code=201)
+
+
+@router.post("/{queue}/pause")
+async def pause(queue: str, services: ServicesDep) -> dict[str, Any]:
+    """Pauses a queue for every replica: nothing is claimed from it until it is resumed."""
+    return await _set_paused(queue, True, services)
+
+
+@router.post("/{queue}/resume")
+async def resume(queue: str, services: ServicesDep) -> dict[str, Any]:
+    """Resumes a paused queue; what waited in it runs now."""
+    return await _set_paused(queue, False, services)
+
+
+async def _set_paused(queue: str, paused: bool, services: Services) -> dict[str, Any]:
+    try:
+        changed = await operations.set_paused(
+            services.backend, services.processors, queue, paused, mirror=services.pauses.apply
+        )
+    except OperationError as error:
+        raise _refused(error) from None
+    return {"queue": queue, "paused": paused, "changed": changed}
+
+
+class DeadLetterFilter(BaseModel):
+    """Which dead letters a bulk replay or purge takes. No filter needs `all: true`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str | None = Field(
+        None, max_length=MAX_ERROR_FILTER, description="text found in the error, any case"
+    )
+    since: AwareDatetime | None = Field(None, description="archived at or after")
+    until: AwareDatetime | None = Field(None, description="archived before")
+    all: bool = Field(False, description="with no other filter: every dead letter")
+
+
+@router.post("/{queue}/archive/replay")
+async def replay_matching(
+    queue: str, where: DeadLetterFilter, services: ServicesDep
+) -> dict[str, Any]:
+    """Puts every dead letter that matches back on its queue, 1,000 archived rows per call."""
+    return await _bulk(queue, "replay", where, services)
+
+
+@router.post("/{queue}/archive/purge")
+async def purge_matching(
+    queue: str, where: DeadLetterFilter, services: ServicesDep
+) -> dict[str, Any]:
+    """Deletes every dead letter that matches, 1,000 archived rows per call."""
+    return await _bulk(queue, "purge", where, services)
+
+
+async def _bulk(
+    queue: str, action: DeadAction, where: DeadLetterFilter, services: Services
+) -> dict[str, Any]:
+    try:
+        done = await operations.bulk_dead(
+            services.backend,
+            services.processors,
+            queue,
+            action,
+            operations.dead_filter(where.error, where.since, where.until),
+            everything=where.all,
+        )
+    except OperationError as error:
+        raise _refused(error) from None
+    return done.as_dict()

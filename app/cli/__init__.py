@@ -8,7 +8,7 @@ working). Verbs, each a module of this package:
     serve     the API and the jobs (serving.py)
     check     the preflight, one line per check with OK or the fix (check.py)
     migrate   print or apply the SQL this release ships (migrate.py)
-    queues, enqueue, dead, replay
+    queues, enqueue, dead, replay, purge, pause, resume
               operator commands over the service's own backend and the same
               operations as the manual HTTP API (operator.py)
     schedules list, show, set and remove jobs pg_cron enqueues (schedules.py)

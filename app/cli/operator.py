@@ -1,4 +1,4 @@
-"""Operator verbs: `queues`, `enqueue`, `dead` and `replay`.
+"""Operator verbs: `queues`, `enqueue`, `dead`, `replay`, `purge`, `pause` and `resume`.
 
 Each opens the backend the service opens (Supabase RPC, DATABASE_URL or local
 mode) and calls the same operation the manual HTTP API calls (app/operations.py);
@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +33,7 @@ from app.cli.common import (
     table,
 )
 from app.operations import DEFAULT_PAGE, MAX_DELAY_SECONDS, MAX_PAGE
+from app.queue.backend import DeadAction
 from app.queue.models import MAX_MSG_ID
 
 if TYPE_CHECKING:
@@ -95,13 +97,61 @@ def register(verbs: Verbs) -> None:
 
     replay = verbs.add_parser(
         "replay",
-        help="put a dead letter back on its queue",
-        description="Moves one archived job back onto its queue as a new message.",
+        help="put dead letters back on their queue",
+        description="Moves one archived job (MSG_ID), or every one that matches the "
+        "filters, back onto its queue as a new message with its headers. Bulk replays "
+        "go 1,000 archived rows per transaction.",
     )
     replay.add_argument("queue")
-    replay.add_argument("msg_id", type=bounded_int(1, MAX_MSG_ID))
+    replay.add_argument("msg_id", type=bounded_int(1, MAX_MSG_ID), nargs="?")
+    _add_filters(replay, "replay")
     add_json_flag(replay)
     replay.set_defaults(run=run_replay)
+
+    purge = verbs.add_parser(
+        "purge",
+        help="delete the dead letters that match",
+        description="Deletes the archived jobs of a queue that match the filters, "
+        "1,000 archived rows per transaction. No filter needs --all.",
+    )
+    purge.add_argument("queue")
+    _add_filters(purge, "purge")
+    add_json_flag(purge)
+    purge.set_defaults(run=run_purge)
+
+    for verb, text in (
+        ("pause", "stop every replica claiming from a queue (messages wait)"),
+        ("resume", "let a paused queue run again"),
+    ):
+        parser = verbs.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        parser.add_argument("queue")
+        add_json_flag(parser)
+        parser.set_defaults(run=run_pause if verb == "pause" else run_resume)
+
+
+def _add_filters(parser: argparse.ArgumentParser, action: str) -> None:
+    parser.add_argument("--error", metavar="TEXT", help="text found in the error, any case")
+    parser.add_argument(
+        "--since", type=_aware_time, metavar="TIME", help="archived at or after (ISO 8601, zone)"
+    )
+    parser.add_argument(
+        "--until", type=_aware_time, metavar="TIME", help="archived before (ISO 8601, zone)"
+    )
+    parser.add_argument(
+        "--all", action="store_true", help=f"with no filter: {action} every dead letter"
+    )
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "must be an ISO 8601 time, e.g. 2026-12-02T01:00Z"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2026-12-02T01:00Z")
+    return value
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -153,12 +203,19 @@ def run_queues(args: argparse.Namespace) -> int:
         emit_json({"queues": [row.as_dict() for row in rows]})
         return OK
     lines = table(
-        ("queue", "length", "visible", "oldest_s"),
-        [(r.queue, r.length, r.visible, r.oldest_age_seconds) for r in rows],
+        ("queue", "length", "visible", "oldest_s", "state"),
+        [
+            (r.queue, r.length, r.visible, r.oldest_age_seconds, _state(r.paused))
+            for r in rows
+        ],
     )
     for line in lines:
         say(line)
     return OK
+
+
+def _state(paused: bool) -> str:
+    return "paused" if paused else "running"
 
 
 def read_job(source: str, max_bytes: int) -> Any:
@@ -252,7 +309,59 @@ def run_dead(args: argparse.Namespace) -> int:
     return OK
 
 
+def _filtered(args: argparse.Namespace) -> bool:
+    return bool(args.error or args.since or args.until or args.all)
+
+
+def run_bulk(args: argparse.Namespace, action: DeadAction) -> int:
+    config = settings(args)
+    try:
+        where = operations.dead_filter(args.error, args.since, args.until)
+    except operations.OperationError as error:
+        raise Exit(USAGE, error.message) from None
+    done = run_operation(
+        config,
+        lambda s: operations.bulk_dead(
+            s.backend, s.processors, args.queue, action, where, everything=args.all
+        ),
+    )
+    if args.json:
+        emit_json(done.as_dict())
+    else:
+        verb = "replayed" if action == "replay" else "purged"
+        say(f"{verb} {done.affected} of {done.scanned} dead letters in {args.queue}")
+    return OK
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    return run_bulk(args, "purge")
+
+
+def _pause(args: argparse.Namespace, paused: bool) -> int:
+    changed = _call(
+        args, lambda s: operations.set_paused(s.backend, s.processors, args.queue, paused)
+    )
+    if args.json:
+        emit_json({"queue": args.queue, "paused": paused, "changed": changed})
+    else:
+        state = "paused" if paused else "running"
+        say(f"{args.queue} is {state}" + ("" if changed else f" (it was {state} already)"))
+    return OK
+
+
+def run_pause(args: argparse.Namespace) -> int:
+    return _pause(args, True)
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    return _pause(args, False)
+
+
 def run_replay(args: argparse.Namespace) -> int:
+    if args.msg_id is None:
+        return run_bulk(args, "replay")
+    if _filtered(args):
+        raise Exit(USAGE, "replay: give a MSG_ID or filters, not both")
     new_id = _call(
         args, lambda s: operations.replay(s.backend, s.processors, args.queue, args.msg_id)
     )

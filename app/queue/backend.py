@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,6 +40,36 @@ class ArchivedMessage(BaseModel):
     message: Any = None
     error: dict[str, Any] | None = None
     unreadable: str | None = None
+
+
+@dataclass(frozen=True)
+class DeadFilter:
+    """Which dead letters a bulk replay or purge takes; None matches everything.
+
+    `error_text` is found anywhere in the recorded error, in any case; the archive
+    time is at or after `archived_from` and before `archived_to`.
+    """
+
+    error_text: str | None = None
+    archived_from: datetime | None = None
+    archived_to: datetime | None = None
+
+    @property
+    def everything(self) -> bool:
+        return not self.error_text and self.archived_from is None and self.archived_to is None
+
+
+@dataclass(frozen=True)
+class DeadBatch:
+    """One window of a bulk replay or purge: rows looked at, rows acted on, the cursor."""
+
+    scanned: int
+    affected: int
+    last_id: int | None
+
+
+# What a bulk call does to the matching dead letters.
+DeadAction = Literal["replay", "purge"]
 
 
 class RpcCaller(Protocol):
@@ -108,4 +139,34 @@ class QueueBackend(Protocol):
 
     async def replay(self, queue: str, msg_id: int) -> int | None:
         """Moves an archived message back onto its queue; its new msg_id, None if absent."""
+        ...
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pauses (or resumes) a queue for every replica; True when that changed it."""
+        ...
+
+    async def paused(self) -> dict[str, datetime]:
+        """The paused queues and when each was paused."""
+        ...
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Archived messages per queue (an exact count: cache it)."""
+        ...
+
+    async def dead_batch(
+        self,
+        action: DeadAction,
+        queue: str,
+        after_id: int,
+        max_rows: int,
+        where: DeadFilter,
+        up_to_id: int | None = None,
+    ) -> DeadBatch:
+        """Replays or purges the dead letters matching `where` among the next `max_rows`
+        archived ones after msg_id `after_id` (and not above `up_to_id`); one short
+        transaction."""
+        ...
+
+    async def expire_dead(self, queue: str, older_than: datetime, max_rows: int) -> int:
+        """Deletes up to `max_rows` dead letters archived before `older_than`; how many."""
         ...

@@ -42,9 +42,17 @@ import contextlib
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
-from app.queue.backend import ArchivedMessage, QueueBackend, QueueMetrics
+from app.queue.backend import (
+    ArchivedMessage,
+    DeadAction,
+    DeadBatch,
+    DeadFilter,
+    QueueBackend,
+    QueueMetrics,
+)
 from app.queue.models import MAX_MSG_ID, QueueMessage
 from app.queue.rpc import RpcError
 
@@ -175,6 +183,29 @@ class CoalescingQueue:
 
     async def replay(self, queue: str, msg_id: int) -> int | None:
         return await self.inner.replay(queue, msg_id)
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        return await self.inner.set_paused(queue, paused)
+
+    async def paused(self) -> dict[str, datetime]:
+        return await self.inner.paused()
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        return await self.inner.dead_letter_counts()
+
+    async def dead_batch(
+        self,
+        action: DeadAction,
+        queue: str,
+        after_id: int,
+        max_rows: int,
+        where: DeadFilter,
+        up_to_id: int | None = None,
+    ) -> DeadBatch:
+        return await self.inner.dead_batch(action, queue, after_id, max_rows, where, up_to_id)
+
+    async def expire_dead(self, queue: str, older_than: datetime, max_rows: int) -> int:
+        return await self.inner.expire_dead(queue, older_than, max_rows)
 
     async def _claiming(
         self, queue: str, call: Coroutine[Any, Any, list[QueueMessage]]

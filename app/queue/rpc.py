@@ -11,13 +11,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import TypeAdapter
 
 from app import __version__, metrics
-from app.queue.backend import ArchivedMessage, QueueMetrics
+from app.queue.backend import ArchivedMessage, DeadAction, DeadBatch, DeadFilter, QueueMetrics
 from app.queue.models import QueueMessage
 from app.queue.rows import parse_archived, parse_reply
 
@@ -236,3 +237,49 @@ class RpcQueue:
     async def replay(self, queue: str, msg_id: int) -> int | None:
         new_id = await self._rpc.call("replay", {"queue_name": queue, "msg_id": msg_id})
         return None if new_id is None else int(new_id)
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        changed = await self._rpc.call("pause" if paused else "resume", {"queue_name": queue})
+        return bool(changed)
+
+    async def paused(self) -> dict[str, datetime]:
+        rows = await self._rpc.call("paused_queues", {})
+        return {row["queue_name"]: datetime.fromisoformat(row["paused_at"]) for row in rows}
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        rows = await self._rpc.call("dead_letter_counts", {})
+        return {row["queue_name"]: int(row["dead_letters"]) for row in rows}
+
+    async def dead_batch(
+        self,
+        action: DeadAction,
+        queue: str,
+        after_id: int,
+        max_rows: int,
+        where: DeadFilter,
+        up_to_id: int | None = None,
+    ) -> DeadBatch:
+        args = {
+            "queue_name": queue,
+            "after_id": after_id,
+            "max_rows": max_rows,
+            "error_text": where.error_text,
+            "archived_from": _iso(where.archived_from),
+            "archived_to": _iso(where.archived_to),
+            "up_to_id": up_to_id,
+        }
+        [row] = await self._rpc.call(f"{action}_dead", args)
+        return _dead_batch(row)
+
+    async def expire_dead(self, queue: str, older_than: datetime, max_rows: int) -> int:
+        args = {"queue_name": queue, "older_than": older_than.isoformat(), "max_rows": max_rows}
+        return int(await self._rpc.call("expire_dead", args))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _dead_batch(row: Mapping[str, Any]) -> DeadBatch:
+    last = row["last_id"]
+    return DeadBatch(int(row["scanned"]), int(row["affected"]), None if last is None else int(last))

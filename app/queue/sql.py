@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, LiteralString
 
 import psycopg
@@ -30,7 +31,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app import metrics
-from app.queue.backend import ArchivedMessage, QueueMetrics
+from app.queue.backend import ArchivedMessage, DeadAction, DeadBatch, DeadFilter, QueueMetrics
 from app.queue.models import QueueMessage
 from app.queue.rows import archived_from_columns, message_from_columns
 from app.queue.rpc import RpcError
@@ -360,6 +361,57 @@ class SqlQueue:
         )
         new_id = rows[0]["id"]
         return None if new_id is None else int(new_id)
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        rows = await self._rows(
+            "pause" if paused else "resume", "select {fn}(%s::text) as changed", (queue,)
+        )
+        return bool(rows[0]["changed"])
+
+    async def paused(self) -> dict[str, datetime]:
+        rows = await self._rows("paused_queues", "select * from {fn}()", ())
+        return {row["queue_name"]: row["paused_at"] for row in rows}
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        rows = await self._rows("dead_letter_counts", "select * from {fn}()", ())
+        return {row["queue_name"]: int(row["dead_letters"]) for row in rows}
+
+    async def dead_batch(
+        self,
+        action: DeadAction,
+        queue: str,
+        after_id: int,
+        max_rows: int,
+        where: DeadFilter,
+        up_to_id: int | None = None,
+    ) -> DeadBatch:
+        function = "replay_dead" if action == "replay" else "purge_dead"
+        [row] = await self._rows(
+            function,
+            "select * from {fn}(%s::text, %s::bigint, %s::integer, %s::text,"
+            " %s::timestamptz, %s::timestamptz, %s::bigint)",
+            (
+                queue,
+                after_id,
+                max_rows,
+                where.error_text,
+                where.archived_from,
+                where.archived_to,
+                up_to_id,
+            ),
+        )
+        last = row["last_id"]
+        return DeadBatch(
+            int(row["scanned"]), int(row["affected"]), None if last is None else int(last)
+        )
+
+    async def expire_dead(self, queue: str, older_than: datetime, max_rows: int) -> int:
+        rows = await self._rows(
+            "expire_dead",
+            "select {fn}(%s::text, %s::timestamptz, %s::integer) as n",
+            (queue, older_than, max_rows),
+        )
+        return int(rows[0]["n"])
 
     # -- RpcCaller --------------------------------------------------------------
 

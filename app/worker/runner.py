@@ -43,6 +43,7 @@ from app.worker.deadlines import Deadlines
 from app.worker.leases import Leases
 from app.worker.policy import RetryPolicy
 from app.worker.ratelimit import RateLimiter
+from app.worker.rates import JobRates
 from app.worker.settle import Settler
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,14 @@ class Runner:
         # sweeper takes it as soon as slots free up instead of at its next interval.
         self.deferred: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
         self._background: list[asyncio.Task[None]] = []
-        self._metrics = {q: _JobMetrics(q) for q in processors}
+        # Jobs per second and failures of the last minutes (the console shows them).
+        self.rates = JobRates()
+        self._metrics = {q: _JobMetrics(q, self) for q in processors}
         self.draining = False
+        # Queues paused in the database (app/worker/pauses.py keeps this current):
+        # offered work is deferred and sweeps read nothing. The claim itself refuses
+        # a paused queue too, so a stale set here never runs a job.
+        self.paused: set[str] = set()
         self._hurry = asyncio.Event()  # set by hurry(): the drain stops waiting for jobs
 
     @property
@@ -145,6 +152,8 @@ class Runner:
             raise KeyError(queue)
         if self.draining:
             return Offer.DRAINING
+        if queue in self.paused:
+            return Offer.DEFERRED  # stays queued until the queue is resumed
         if self.free(queue) < len(msg_ids):
             self.deferred[queue].set()
             return Offer.DEFERRED
@@ -158,7 +167,7 @@ class Runner:
         Returns (asked, got); got == asked suggests more are waiting.
         """
         asked = min(batch_size, self.free(queue))
-        if asked == 0 or self.draining:
+        if asked == 0 or self.draining or queue in self.paused:
             return 0, 0
         self._busy[queue] += asked
         try:
@@ -360,8 +369,9 @@ class Runner:
 class _JobMetrics:
     """The job metrics of one queue, with their label lookups done once."""
 
-    def __init__(self, queue: str) -> None:
+    def __init__(self, queue: str, runner: Runner) -> None:
         self._queue = queue
+        self._rates = runner.rates
         self.in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
         self._duration = metrics.JOB_DURATION.labels(queue)
         self._latency = metrics.JOB_LATENCY.labels(queue)
@@ -373,6 +383,7 @@ class _JobMetrics:
         if counter is None:
             counter = self._outcomes[outcome] = metrics.JOBS.labels(self._queue, outcome)
         counter.inc()
+        self._rates.record(self._queue, outcome)
         self._duration.observe(duration)
         if outcome in ("succeeded", "archived"):
             finished = datetime.now(UTC)
