@@ -38,6 +38,7 @@ from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
 from app.queue.sql import SqlQueue
 from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
+from app.worker.doorbell import Doorbell
 from app.worker.pauses import PAUSE_POLL_SECONDS, PauseWatch
 from app.worker.retention import Retention
 
@@ -201,6 +202,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 processors,
                 runner_config(settings),
                 {name: queue_config(spec) for name, spec in plan.queues.items()},
+                # Local mode has no webhooks, so no doorbell that could fail.
+                doorbell=None
+                if settings.local_mode
+                else Doorbell(plan.names, grace=settings.missed_webhook_grace_seconds),
             )
             sweeper = Sweeper(
                 runner,

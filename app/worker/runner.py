@@ -40,6 +40,7 @@ from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
 from app.worker.deadlines import Deadlines
+from app.worker.doorbell import Doorbell
 from app.worker.leases import Leases
 from app.worker.policy import RetryPolicy
 from app.worker.ratelimit import RateLimiter
@@ -81,8 +82,12 @@ class Runner:
         processors: Registry,
         config: RunnerConfig,
         queues: Mapping[str, RunnerConfig] | None = None,
+        *,
+        doorbell: Doorbell | None = None,
     ) -> None:
         self._backend = backend
+        # Which webhooks rang, so the sweeper's finds tell missed ones (None: no webhooks).
+        self.doorbell = doorbell
         self._processors = processors
         self._configs = {q: (queues or {}).get(q, config) for q in processors}
         self.leases = Leases(
@@ -143,6 +148,8 @@ class Runner:
             asyncio.create_task(self.leases.run(), name="leases"),
             asyncio.create_task(self.settler.run(), name="settler"),
         ]
+        if self.doorbell is not None:
+            self.doorbell.open()
 
     # -- taking work -------------------------------------------------------
 
@@ -150,6 +157,8 @@ class Runner:
         """Webhook path: claims and runs `msg_ids` in the background, if there is room."""
         if queue not in self._processors:
             raise KeyError(queue)
+        if self.doorbell is not None:
+            self.doorbell.rang(queue, msg_ids)
         if self.draining:
             return Offer.DRAINING
         if queue in self.paused:
@@ -178,6 +187,8 @@ class Runner:
             self._release(queue, asked)
             raise
         self._release(queue, asked - len(messages))
+        if self.doorbell is not None:
+            self.doorbell.swept(queue, messages)
         for message in messages:
             self._start_job(queue, message)
         return asked, len(messages)
@@ -361,6 +372,8 @@ class Runner:
         await self.settler.close(timeout=settle)
 
     async def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
