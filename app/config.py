@@ -205,6 +205,9 @@ class Settings(BaseSettings):
     # Dead letters archived more than this many days ago are deleted, in batches, in
     # the background (app/worker/retention.py); unset keeps them until purged.
     archive_retention_days: int | None = Field(None, ge=1, le=3650)
+    # OpenTelemetry traces (app/tracing.py): unset means on when OTEL_SERVICE_NAME or
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; needs the `otel` extra.
+    tracing: bool | None = None
 
     # Server. HOST unset: 0.0.0.0 (every interface, as a container needs), but
     # 127.0.0.1 in local mode, so a laptop does not expose the API and /metrics to

@@ -99,8 +99,11 @@ def test_deferred_webhooks_are_not_missed(
     deferred = 'queue_worker_webhooks_total{queue="email_queue",result="deferred"}'
     with running_sender(db) as sender:
         service = judging(start_service, max_concurrency=1, sweep_interval_seconds=0.2)
-        before = missed(service), sample(
-            service.url, "queue_worker_webhooks_total", queue="email_queue", result="deferred"
+        before = (
+            missed(service),
+            sample(
+                service.url, "queue_worker_webhooks_total", queue="email_queue", result="deferred"
+            ),
         )
         expected = enqueue_many(db, 20, prefix="deferred")
         wait_until(lambda: all_done(db, smtp, expected), timeout=60, what="every job")

@@ -39,6 +39,7 @@ from app.processors import Registry
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
+from app.tracing import OFF, AttributeValue, Tracing
 from app.worker.deadlines import Deadlines
 from app.worker.doorbell import Doorbell
 from app.worker.leases import Leases
@@ -84,10 +85,12 @@ class Runner:
         queues: Mapping[str, RunnerConfig] | None = None,
         *,
         doorbell: Doorbell | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self._backend = backend
         # Which webhooks rang, so the sweeper's finds tell missed ones (None: no webhooks).
         self.doorbell = doorbell
+        self.tracing = tracing
         self._processors = processors
         self._configs = {q: (queues or {}).get(q, config) for q in processors}
         self.leases = Leases(
@@ -179,6 +182,7 @@ class Runner:
         if asked == 0 or self.draining or queue in self.paused:
             return 0, 0
         self._busy[queue] += asked
+        started = time.time_ns()
         try:
             messages = await self._backend.read(
                 queue, self._configs[queue].visibility_timeout, asked
@@ -189,8 +193,23 @@ class Runner:
         self._release(queue, asked - len(messages))
         if self.doorbell is not None:
             self.doorbell.swept(queue, messages)
-        for message in messages:
-            self._start_job(queue, message)
+        if messages and self.tracing.enabled:
+            # A span only for a read that found work (an idle sweep is no trace), made
+            # now with the read's start: its jobs' spans are its children.
+            with self.tracing.span(
+                f"read {queue}",
+                kind="consumer",
+                attributes={
+                    **_messaging(queue, "receive"),
+                    "messaging.batch.message_count": len(messages),
+                },
+                start_time=started,
+            ):
+                for message in messages:
+                    self._start_job(queue, message)
+        else:
+            for message in messages:
+                self._start_job(queue, message)
         return asked, len(messages)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
@@ -203,11 +222,18 @@ class Runner:
             self._busy[queue] -= slots
             self._freed[queue].set()
 
+    async def _claim(self, queue: str, msg_ids: Sequence[int]) -> list[QueueMessage]:
+        vt = self._configs[queue].visibility_timeout
+        if not self.tracing.enabled:
+            return await self._backend.claim(queue, msg_ids, vt)
+        with self.tracing.span(f"claim {queue}", attributes=_messaging(queue, "receive")) as span:
+            claimed = await self._backend.claim(queue, msg_ids, vt)
+            span.set_attribute("messaging.batch.message_count", len(claimed))
+            return claimed
+
     async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
         try:
-            claimed = await self._backend.claim(
-                queue, msg_ids, self._configs[queue].visibility_timeout
-            )
+            claimed = await self._claim(queue, msg_ids)
         except RpcError as error:
             log.warning(
                 "claim failed; the message stays queued for the sweeper",
@@ -242,8 +268,9 @@ class Runner:
         outcome = "error"
         recorded = self._metrics[queue]
         recorded.in_progress.inc()
+        decide = self._decide_traced if self.tracing.enabled else self._decide
         try:
-            outcome = await self._decide(queue, message, context)
+            outcome = await decide(queue, message, context)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -258,6 +285,32 @@ class Runner:
                     "job finished",
                     extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
                 )
+
+    async def _decide_traced(
+        self, queue: str, message: QueueMessage, context: dict[str, Any]
+    ) -> str:
+        """`_decide` in a span: the child of the enqueue that put the job's trace context
+        in its headers (linked to the claim), else of the claim or read."""
+        attributes: dict[str, AttributeValue] = {
+            **_messaging(queue, "process"),
+            "messaging.message.id": str(message.msg_id),
+            "messaging.message.delivery_count": message.read_ct,
+        }
+        with self.tracing.span(
+            f"process {queue}", kind="consumer", attributes=attributes, parent=message.headers
+        ) as span:
+            outcome = await self._decide(queue, message, context)
+            span.set_attribute("queue_worker.outcome", outcome)
+            if outcome in ("retried", "archived"):
+                span.set_error(f"the job was {outcome}")
+            return outcome
+
+    async def _ack(self, queue: str, msg_id: int) -> None:
+        if not self.tracing.enabled:
+            await self.settler.ack(queue, msg_id)
+            return
+        with self.tracing.span(f"ack {queue}", attributes=_messaging(queue, "settle")):
+            await self.settler.ack(queue, msg_id)
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
         msg_id = message.msg_id
@@ -298,7 +351,7 @@ class Runner:
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
-        await self.settler.ack(queue, msg_id)
+        await self._ack(queue, msg_id)
         return "succeeded"
 
     async def _retry(
@@ -403,6 +456,15 @@ class _JobMetrics:
             self._latency.observe((finished - enqueued_at).total_seconds())
             if outcome == "succeeded":
                 self._last_success.set(finished.timestamp())
+
+
+def _messaging(queue: str, operation: str) -> dict[str, str]:
+    """OpenTelemetry's messaging attributes of a span about `queue`."""
+    return {
+        "messaging.system": "pgmq",
+        "messaging.destination.name": queue,
+        "messaging.operation.type": operation,
+    }
 
 
 def _describe(error: Exception) -> str:
