@@ -18,7 +18,7 @@ import pytest
 
 from app import metrics
 from app.queue.models import QueueMessage
-from app.worker.doorbell import RETENTION_SECONDS, Doorbell
+from app.worker.doorbell import MAX_REMEMBERED, RETENTION_SECONDS, Doorbell
 from tests.conftest import Service, ServiceFactory
 from tests.support.pg_net import running_sender
 from tests.support.postgres import Database
@@ -191,3 +191,16 @@ async def test_forgotten_ids_are_never_counted() -> None:
     assert bell.pending(queue) == 2
     bell.close()
     assert bell.pending(queue) == 0
+
+
+@pytest.mark.anyio
+async def test_past_the_cap_the_oldest_ids_are_forgotten_never_counted() -> None:
+    queue = "doorbell_cap_queue"
+    bell = Doorbell([queue], grace=0.01, clock=Clock(), wall_clock=lambda: 0.0)
+    bell.open()
+    for msg_id in range(1, MAX_REMEMBERED + 3):  # two over the cap
+        bell.rang(queue, [msg_id])
+    bell.swept(queue, [message(1), message(2), message(3), message(MAX_REMEMBERED + 5)])
+    # 1 and 2 were forgotten (they did ring), 3 is still remembered: only the new one.
+    assert bell.pending(queue) == 1
+    bell.close()

@@ -66,6 +66,8 @@ class Doorbell:
         self._rang: dict[str, OrderedDict[int, float]] = {q: OrderedDict() for q in names}
         # Per queue: the highest msg_id forgotten so far.
         self._forgotten: dict[str, int] = dict.fromkeys(names, 0)
+        # Per queue: when the oldest remembered id runs out (monotonic).
+        self._forget_at: dict[str, float] = dict.fromkeys(names, float("inf"))
         # Per queue: swept msg_id that no webhook announced -> when it counts (monotonic).
         self._suspects: dict[str, dict[int, float]] = {q: {} for q in names}
         # Messages enqueued before this (unix time) are not judged; set by open().
@@ -88,19 +90,39 @@ class Doorbell:
             suspects.clear()
 
     def rang(self, queue: str, msg_ids: Sequence[int]) -> None:
-        """A webhook for `msg_ids` reached the runner (whatever its answer)."""
+        """A webhook for `msg_ids` reached the runner (whatever its answer).
+
+        On every webhook's path: a dict insert, and the forgetting only when it is due.
+        """
         rang = self._rang[queue]
-        suspects = self._suspects[queue]
         now = self._clock()
+        if not rang:
+            self._forget_at[queue] = now + RETENTION_SECONDS
         for msg_id in msg_ids:
             rang[msg_id] = now
-            if suspects:
+        suspects = self._suspects[queue]
+        if suspects:
+            for msg_id in msg_ids:
                 suspects.pop(msg_id, None)
+        if len(rang) > MAX_REMEMBERED or now >= self._forget_at[queue]:
+            self._forget(queue, now)
+
+    def _forget(self, queue: str, now: float) -> None:
+        """Drops the ids rung longer ago than the retention, and the excess over the cap."""
+        rang = self._rang[queue]
+        forgotten = self._forgotten[queue]
         oldest = now - RETENTION_SECONDS
-        while rang and (len(rang) > MAX_REMEMBERED or next(iter(rang.values())) < oldest):
-            msg_id, _ = rang.popitem(last=False)
-            if msg_id > self._forgotten[queue]:
-                self._forgotten[queue] = msg_id
+        while rang:
+            msg_id, when = next(iter(rang.items()))
+            if len(rang) <= MAX_REMEMBERED and when >= oldest:
+                break
+            del rang[msg_id]
+            forgotten = max(forgotten, msg_id)
+        self._forgotten[queue] = forgotten
+        # When the oldest id left runs out (rang() sets it again once one is added).
+        self._forget_at[queue] = (
+            next(iter(rang.values())) + RETENTION_SECONDS if rang else float("inf")
+        )
 
     def swept(self, queue: str, messages: Sequence[QueueMessage]) -> None:
         """The sweeper claimed `messages`: those no webhook announced become suspects."""
