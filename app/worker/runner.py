@@ -222,18 +222,22 @@ class Runner:
             self._busy[queue] -= slots
             self._freed[queue].set()
 
-    async def _claim(self, queue: str, msg_ids: Sequence[int]) -> list[QueueMessage]:
-        vt = self._configs[queue].visibility_timeout
-        if not self.tracing.enabled:
-            return await self._backend.claim(queue, msg_ids, vt)
+    async def _claim_traced(self, queue: str, msg_ids: Sequence[int]) -> list[QueueMessage]:
         with self.tracing.span(f"claim {queue}", attributes=_messaging(queue, "receive")) as span:
-            claimed = await self._backend.claim(queue, msg_ids, vt)
+            claimed = await self._backend.claim(
+                queue, msg_ids, self._configs[queue].visibility_timeout
+            )
             span.set_attribute("messaging.batch.message_count", len(claimed))
             return claimed
 
     async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
         try:
-            claimed = await self._claim(queue, msg_ids)
+            if self.tracing.enabled:
+                claimed = await self._claim_traced(queue, msg_ids)
+            else:
+                claimed = await self._backend.claim(
+                    queue, msg_ids, self._configs[queue].visibility_timeout
+                )
         except RpcError as error:
             log.warning(
                 "claim failed; the message stays queued for the sweeper",
@@ -305,10 +309,7 @@ class Runner:
                 span.set_error(f"the job was {outcome}")
             return outcome
 
-    async def _ack(self, queue: str, msg_id: int) -> None:
-        if not self.tracing.enabled:
-            await self.settler.ack(queue, msg_id)
-            return
+    async def _ack_traced(self, queue: str, msg_id: int) -> None:
         with self.tracing.span(f"ack {queue}", attributes=_messaging(queue, "settle")):
             await self.settler.ack(queue, msg_id)
 
@@ -351,7 +352,10 @@ class Runner:
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
-        await self._ack(queue, msg_id)
+        if self.tracing.enabled:
+            await self._ack_traced(queue, msg_id)
+        else:
+            await self.settler.ack(queue, msg_id)
         return "succeeded"
 
     async def _retry(
