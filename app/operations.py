@@ -25,7 +25,7 @@ from app.queue.backend import ArchivedMessage, DeadAction, DeadFilter, QueueBack
 from app.queue.models import MAX_MSG_ID
 from app.queue.rpc import RpcError
 from app.queue.schedules import Schedule
-from app.tracing import OFF, Tracing
+from app.tracing import OFF, Tracing, messaging
 
 # A job may wait at most a week before it runs.
 MAX_DELAY_SECONDS: Final = 7 * 86_400
@@ -142,12 +142,9 @@ async def enqueue(
     headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
     if not tracing.enabled:
         return await backend.send(queue, message, delay_seconds, headers)
-    attributes = {
-        "messaging.system": "pgmq",
-        "messaging.destination.name": queue,
-        "messaging.operation.type": "send",
-    }
-    with tracing.span(f"send {queue}", kind="producer", attributes=attributes) as span:
+    with tracing.span(
+        f"send {queue}", kind="producer", attributes=messaging(queue, "send")
+    ) as span:
         carrier: dict[str, Any] = dict(headers or {})
         tracing.inject(carrier)
         try:

@@ -179,3 +179,12 @@ def context_of(headers: Mapping[str, Any] | None) -> dict[str, str] | None:
         return None
     found = {k: v for k in CONTEXT_HEADERS if isinstance(v := headers.get(k), str)}
     return found if "traceparent" in found else None
+
+
+def messaging(queue: str, operation: str) -> dict[str, AttributeValue]:
+    """OpenTelemetry's messaging attributes of a span about `queue` (send, receive, ...)."""
+    return {
+        "messaging.system": "pgmq",
+        "messaging.destination.name": queue,
+        "messaging.operation.type": operation,
+    }

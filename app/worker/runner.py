@@ -39,7 +39,7 @@ from app.processors import Registry
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
-from app.tracing import OFF, AttributeValue, Tracing
+from app.tracing import OFF, AttributeValue, Tracing, messaging
 from app.worker.deadlines import Deadlines
 from app.worker.doorbell import Doorbell
 from app.worker.leases import Leases
@@ -200,7 +200,7 @@ class Runner:
                 f"read {queue}",
                 kind="consumer",
                 attributes={
-                    **_messaging(queue, "receive"),
+                    **messaging(queue, "receive"),
                     "messaging.batch.message_count": len(messages),
                 },
                 start_time=started,
@@ -223,7 +223,7 @@ class Runner:
             self._freed[queue].set()
 
     async def _claim_traced(self, queue: str, msg_ids: Sequence[int]) -> list[QueueMessage]:
-        with self.tracing.span(f"claim {queue}", attributes=_messaging(queue, "receive")) as span:
+        with self.tracing.span(f"claim {queue}", attributes=messaging(queue, "receive")) as span:
             claimed = await self._backend.claim(
                 queue, msg_ids, self._configs[queue].visibility_timeout
             )
@@ -294,9 +294,9 @@ class Runner:
         self, queue: str, message: QueueMessage, context: dict[str, Any]
     ) -> str:
         """`_decide` in a span: the child of the enqueue that put the job's trace context
-        in its headers (linked to the claim), else of the claim or read."""
+        in its headers (linked to the webhook or read that claimed it), else of those."""
         attributes: dict[str, AttributeValue] = {
-            **_messaging(queue, "process"),
+            **messaging(queue, "process"),
             "messaging.message.id": str(message.msg_id),
             "messaging.message.delivery_count": message.read_ct,
         }
@@ -310,7 +310,7 @@ class Runner:
             return outcome
 
     async def _ack_traced(self, queue: str, msg_id: int) -> None:
-        with self.tracing.span(f"ack {queue}", attributes=_messaging(queue, "settle")):
+        with self.tracing.span(f"ack {queue}", attributes=messaging(queue, "settle")):
             await self.settler.ack(queue, msg_id)
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
@@ -460,15 +460,6 @@ class _JobMetrics:
             self._latency.observe((finished - enqueued_at).total_seconds())
             if outcome == "succeeded":
                 self._last_success.set(finished.timestamp())
-
-
-def _messaging(queue: str, operation: str) -> dict[str, str]:
-    """OpenTelemetry's messaging attributes of a span about `queue`."""
-    return {
-        "messaging.system": "pgmq",
-        "messaging.destination.name": queue,
-        "messaging.operation.type": operation,
-    }
 
 
 def _describe(error: Exception) -> str:
