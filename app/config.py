@@ -188,6 +188,9 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0)
     sweep_batch_size: int = Field(50, ge=1, le=1000)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+    # A message the sweeper takes is counted as a missed webhook only when no webhook
+    # for it rang within this many seconds (app/worker/doorbell.py).
+    missed_webhook_grace_seconds: float = Field(60.0, gt=0, le=3600)
 
     # Claim/ack batching (app/queue/coalesce.py): concurrent claims, acks, retries and
     # archives of one queue share one RPC, sent when COALESCE_MAX_BATCH ids are pending
@@ -202,6 +205,9 @@ class Settings(BaseSettings):
     # Dead letters archived more than this many days ago are deleted, in batches, in
     # the background (app/worker/retention.py); unset keeps them until purged.
     archive_retention_days: int | None = Field(None, ge=1, le=3650)
+    # OpenTelemetry traces (app/tracing.py): unset means on when OTEL_SERVICE_NAME or
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; needs the `otel` extra.
+    tracing: bool | None = None
 
     # Server. HOST unset: 0.0.0.0 (every interface, as a container needs), but
     # 127.0.0.1 in local mode, so a laptop does not expose the API and /metrics to

@@ -43,6 +43,7 @@ from starlette.datastructures import Headers, UploadFile
 from app import metrics
 from app.config import Settings
 from app.errors import JobError, PermanentError, RetryableError
+from app.tracing import OFF, AttributeValue, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +319,11 @@ class Mailer:
     connections are reused and closed completely, and each SMTP reply is classified.
     """
 
-    def __init__(self, settings: Settings, templates: Templates | None = None) -> None:
+    def __init__(
+        self, settings: Settings, templates: Templates | None = None, *, tracing: Tracing = OFF
+    ) -> None:
         self._settings = settings
+        self._tracing = tracing
         self._compose = FastMail(connection_config(settings))
         self._tls = _tls_context(settings)
         self.templates = templates or Templates()
@@ -443,6 +447,18 @@ class Mailer:
             self._reaper = loop.call_later(max(wait, 0.01), self._reap)
 
     async def _deliver(self, message: Message) -> None:
+        if not self._tracing.enabled:
+            await self._send_message(message)
+            return
+        attributes: dict[str, AttributeValue] = {
+            "server.address": self._settings.smtp_host,
+            "server.port": self._settings.smtp_port,
+            "network.protocol.name": "smtp",
+        }
+        with self._tracing.span("smtp send", kind="client", attributes=attributes):
+            await self._send_message(message)
+
+    async def _send_message(self, message: Message) -> None:
         async with self._slots:
             smtp = await self._connection()
             try:

@@ -37,7 +37,9 @@ from app.queue.backend import QueueBackend, RpcCaller
 from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
 from app.queue.sql import SqlQueue
+from app.tracing import OFF, Tracing, open_tracing
 from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper, shutdown
+from app.worker.doorbell import Doorbell
 from app.worker.pauses import PAUSE_POLL_SECONDS, PauseWatch
 from app.worker.retention import Retention
 
@@ -100,11 +102,11 @@ async def open_backend(
         yield RpcQueue(rpc), rpc
 
 
-def open_mailer(settings: Settings) -> Mailer:
+def open_mailer(settings: Settings, tracing: Tracing = OFF) -> Mailer:
     """SMTP, or in local mode without SMTP_HOST the outbox directory."""
     if settings.mail_outbox:
         return Outbox(settings, local.outbox_dir(settings.data_dir))
-    return Mailer(settings)
+    return Mailer(settings, tracing=tracing)
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -135,17 +137,23 @@ def queue_config(spec: QueueSpec) -> RunnerConfig:
     )
 
 
-def open_http(plan: QueuePlan) -> httpx.AsyncClient:
+def open_http(plan: QueuePlan, tracing: Tracing = OFF) -> httpx.AsyncClient:
     """The one pooled HTTP client that `forward` and plugins share (Resources.http).
 
     Enough connections for every served job at once; no redirects followed, and each
-    request sets its own timeout (the default here is a backstop).
+    request sets its own timeout (the default here is a backstop). With tracing on,
+    each request is a client span and carries its trace context.
     """
     slots = sum(spec.max_concurrency for spec in plan.queues.values())
     size = max(10, min(slots, 1000))
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(30.0),
-        limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        limits=limits,
+        # A transport given here takes the limits the client would have given its own.
+        transport=tracing.http_transport(httpx.AsyncHTTPTransport(limits=limits))
+        if tracing.enabled
+        else None,
         follow_redirects=False,
         headers={"User-Agent": f"queue-worker/{__version__}"},
     )
@@ -187,12 +195,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = local.with_local_token(settings or load_settings())
     # Every queue checked (file, keys, imports) before anything starts.
     plan = load_queues(settings)
+    # OFF unless asked for: then OpenTelemetry is imported here (app/tracing.py).
+    tracing = open_tracing(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_backend(settings, plan.names) as (database, rpc), open_http(plan) as http:
+        async with (
+            open_backend(settings, plan.names) as (database, rpc),
+            open_http(plan, tracing) as http,
+        ):
             backend = coalescing(database, settings)
-            mailer = open_mailer(settings)
+            mailer = open_mailer(settings, tracing)
             processors = await build_processors(
                 plan, settings=settings, http=http, mailer=mailer, rpc=rpc
             )
@@ -201,6 +214,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 processors,
                 runner_config(settings),
                 {name: queue_config(spec) for name, spec in plan.queues.items()},
+                # Local mode has no webhooks, so no doorbell that could fail.
+                doorbell=None
+                if settings.local_mode
+                else Doorbell(plan.names, grace=settings.missed_webhook_grace_seconds),
+                tracing=tracing,
             )
             sweeper = Sweeper(
                 runner,
@@ -229,6 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 queue_stats=QueueStats(backend, max_age=settings.metrics_cache_seconds),
                 rpc=rpc,
                 pauses=pauses,
+                tracing=tracing,
             )
             draining: list[asyncio.Task[None]] = []
 
@@ -286,6 +305,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await runner.close()
                 await backend.close()  # sends claims/acks still batched
                 await mailer.close()
+                tracing.shutdown()  # sends the spans still buffered
                 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
                     # This process's live gauges (jobs in progress) stop counting.
                     multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

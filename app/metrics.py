@@ -87,6 +87,12 @@ SMTP_CONNECTIONS = Counter(
     "queue_worker_smtp_connections_total",
     "SMTP sessions opened for sending (fewer than emails sent when sessions are reused).",
 )
+MISSED_WEBHOOKS = Counter(
+    "queue_worker_missed_webhooks_total",
+    "Messages the sweeper found before any webhook rang for them: the doorbell failed "
+    "(pg_net lost the request, or it never reached the route). See app/worker/doorbell.py.",
+    ["queue"],
+)
 QUEUE_LENGTH = Gauge(
     "queue_worker_queue_length",
     "Messages in the queue, visible or not.",

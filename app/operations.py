@@ -25,6 +25,7 @@ from app.queue.backend import ArchivedMessage, DeadAction, DeadFilter, QueueBack
 from app.queue.models import MAX_MSG_ID
 from app.queue.rpc import RpcError
 from app.queue.schedules import Schedule
+from app.tracing import OFF, Tracing, messaging
 
 # A job may wait at most a week before it runs.
 MAX_DELAY_SECONDS: Final = 7 * 86_400
@@ -40,6 +41,8 @@ MAX_ERROR_FILTER: Final = 200
 # space at either end.
 MAX_IDEMPOTENCY_KEY: Final = 255
 IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+# SQLSTATE of a function that does not exist (pgmq.send with headers, on pgmq 1.4.4).
+UNDEFINED_FUNCTION: Final = "42883"
 
 
 class OperationError(Exception):
@@ -115,11 +118,14 @@ async def enqueue(
     delay_seconds: int = 0,
     *,
     idempotency_key: str | None = None,
+    tracing: Tracing = OFF,
 ) -> int:
     """Validates a job as its processor does and enqueues it; returns its msg_id.
 
     With `idempotency_key`, a later job with the same key, after this one succeeded,
-    is acked without running.
+    is acked without running. With `tracing` on, the send is a producer span whose
+    context goes into the job's pgmq headers (`traceparent`), so that the job's
+    processing span is its child.
     """
     served(processors, queue)
     _bounded("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
@@ -134,7 +140,24 @@ async def enqueue(
         )
     check_job(processors, queue, message)
     headers = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
-    return await backend.send(queue, message, delay_seconds, headers)
+    if not tracing.enabled:
+        return await backend.send(queue, message, delay_seconds, headers)
+    with tracing.span(
+        f"send {queue}", kind="producer", attributes=messaging(queue, "send")
+    ) as span:
+        carrier: dict[str, Any] = dict(headers or {})
+        tracing.inject(carrier)
+        try:
+            msg_id = await backend.send(queue, message, delay_seconds, carrier or None)
+        except RpcError as error:
+            # pgmq 1.4.4 has no headers (no pgmq.send with them: 42883): a job the caller
+            # gave no headers of its own is sent as it would be with tracing off.
+            if headers is not None or not carrier or error.code != UNDEFINED_FUNCTION:
+                raise
+            span.set_attribute("queue_worker.trace_context_dropped", True)
+            msg_id = await backend.send(queue, message, delay_seconds, None)
+        span.set_attribute("messaging.message.id", str(msg_id))
+        return msg_id
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,16 @@ runner is replaced by one that defers every offer, so no job runs and nothing el
 (middlewares, routing, authentication, validation, metrics, the answer) on top of the
 framework's own cost, which the bare endpoint (bench/bare_app.py) also pays.
 
-    uv run python -m bench.asgi_overhead [--requests 20000] [--repeat 3]
+    uv run python -m bench.asgi_overhead [--requests 20000] [--repeat 3] [--tracing]
+
+With --tracing the service makes its webhook span (TRACING=true, spans kept in memory
+and dropped: OTEL_TRACES_EXPORTER=none), to show what tracing costs when it is on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -20,6 +24,7 @@ import uvloop
 
 from app.api.signatures import ReplayCache
 from app.main import create_app
+from app.tracing import OFF, Tracing, open_tracing
 from app.worker import Offer
 from bench.bare_app import app as bare_app
 from bench.loadgen import webhook_body
@@ -40,10 +45,11 @@ class DeferringRunner:
 class Services:
     """What the webhook route reads from the app's services."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, tracing: Tracing = OFF) -> None:
         self.settings = settings
         self.runner = DeferringRunner()
         self.replays = ReplayCache()
+        self.tracing = tracing
 
 
 def webhook(secret: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -109,7 +115,12 @@ async def run(args: argparse.Namespace) -> None:
         queues=[QUEUE],
     )
     service = create_app(settings)
-    service.state.services = Services(settings)  # no lifespan: nothing runs behind it
+    tracing = OFF
+    if args.tracing:
+        os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+        tracing = open_tracing(settings.model_copy(update={"tracing": True}))
+    # No lifespan: nothing runs behind it.
+    service.state.services = Services(settings, tracing)
     headers, body = webhook(secret)
     print(f"{args.requests} webhooks per run, in-process ASGI calls; CPU us per request")  # noqa: T201
     print(f"{'run':>4}{'bare FastAPI':>15}{'queue-worker':>15}{'added':>9}")  # noqa: T201
@@ -123,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tracing", action="store_true", help="with the webhook span")
     uvloop.run(run(parser.parse_args()))
 
 

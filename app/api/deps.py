@@ -14,6 +14,7 @@ from app.mail import Mailer
 from app.metrics import QueueStats
 from app.processors import Registry
 from app.queue.backend import QueueBackend, RpcCaller
+from app.tracing import OFF, Tracing
 from app.worker import Runner, Sweeper
 from app.worker.pauses import PauseWatch
 
@@ -35,6 +36,8 @@ class Services:
     pauses: PauseWatch
     # Signed webhook ids seen lately (per process; see app/api/signatures.py).
     replays: ReplayCache = field(default_factory=ReplayCache)
+    # Spans, or OFF (app/tracing.py).
+    tracing: Tracing = OFF
 
 
 def get_services(request: Request) -> Services:

@@ -86,6 +86,7 @@ async def enqueue(
             message,
             delay_seconds,
             idempotency_key=idempotency_key,
+            tracing=services.tracing,
         )
     except OperationError as error:
         raise _refused(error) from None

@@ -113,6 +113,40 @@ async def receive_webhook(request: Request) -> Response:
     # the rest of the request together (bench/README.md, "Webhook path").
     queue: str = request.path_params["queue"]
     services = get_services(request)
+    if services.tracing.enabled:
+        return await _traced(queue, request, services)
+    return await _webhook(queue, request, services)
+
+
+async def _traced(queue: str, request: Request, services: Services) -> Response:
+    """The webhook in a server span; the claim it starts is its child."""
+    attributes = {
+        "http.request.method": "POST",
+        "http.route": "/webhooks/{queue}",
+        "messaging.system": "pgmq",
+        "messaging.destination.name": _label(services, queue),
+    }
+    refused: ApiError | None = None
+    with services.tracing.span(
+        "POST /webhooks/{queue}", kind="server", attributes=attributes
+    ) as span:
+        try:
+            response = await _webhook(queue, request, services)
+        except ApiError as error:
+            # Raised after the span ends: a 4xx answer is the caller's error, not ours.
+            refused = error
+            if error.status_code >= 500:
+                span.set_error(str(error.detail))
+        span.set_attribute(
+            "http.response.status_code",
+            response.status_code if refused is None else refused.status_code,
+        )
+    if refused is not None:
+        raise refused
+    return response
+
+
+async def _webhook(queue: str, request: Request, services: Services) -> Response:
     signed = await _check_auth(request, queue)
     if signed is None:
         return await _receive(queue, request, services)

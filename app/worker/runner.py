@@ -39,7 +39,9 @@ from app.processors import Registry
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
 from app.queue.rpc import RpcError
+from app.tracing import OFF, AttributeValue, Tracing, messaging
 from app.worker.deadlines import Deadlines
+from app.worker.doorbell import Doorbell
 from app.worker.leases import Leases
 from app.worker.policy import RetryPolicy
 from app.worker.ratelimit import RateLimiter
@@ -81,8 +83,14 @@ class Runner:
         processors: Registry,
         config: RunnerConfig,
         queues: Mapping[str, RunnerConfig] | None = None,
+        *,
+        doorbell: Doorbell | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self._backend = backend
+        # Which webhooks rang, so the sweeper's finds tell missed ones (None: no webhooks).
+        self.doorbell = doorbell
+        self.tracing = tracing
         self._processors = processors
         self._configs = {q: (queues or {}).get(q, config) for q in processors}
         self.leases = Leases(
@@ -143,6 +151,8 @@ class Runner:
             asyncio.create_task(self.leases.run(), name="leases"),
             asyncio.create_task(self.settler.run(), name="settler"),
         ]
+        if self.doorbell is not None:
+            self.doorbell.open()
 
     # -- taking work -------------------------------------------------------
 
@@ -150,6 +160,8 @@ class Runner:
         """Webhook path: claims and runs `msg_ids` in the background, if there is room."""
         if queue not in self._processors:
             raise KeyError(queue)
+        if self.doorbell is not None:
+            self.doorbell.rang(queue, msg_ids)
         if self.draining:
             return Offer.DRAINING
         if queue in self.paused:
@@ -170,6 +182,7 @@ class Runner:
         if asked == 0 or self.draining or queue in self.paused:
             return 0, 0
         self._busy[queue] += asked
+        started = time.time_ns()
         try:
             messages = await self._backend.read(
                 queue, self._configs[queue].visibility_timeout, asked
@@ -178,8 +191,25 @@ class Runner:
             self._release(queue, asked)
             raise
         self._release(queue, asked - len(messages))
-        for message in messages:
-            self._start_job(queue, message)
+        if self.doorbell is not None:
+            self.doorbell.swept(queue, messages)
+        if messages and self.tracing.enabled:
+            # A span only for a read that found work (an idle sweep is no trace), made
+            # now with the read's start: its jobs' spans are its children.
+            with self.tracing.span(
+                f"read {queue}",
+                kind="consumer",
+                attributes={
+                    **messaging(queue, "receive"),
+                    "messaging.batch.message_count": len(messages),
+                },
+                start_time=started,
+            ):
+                for message in messages:
+                    self._start_job(queue, message)
+        else:
+            for message in messages:
+                self._start_job(queue, message)
         return asked, len(messages)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
@@ -192,11 +222,22 @@ class Runner:
             self._busy[queue] -= slots
             self._freed[queue].set()
 
-    async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
-        try:
+    async def _claim_traced(self, queue: str, msg_ids: Sequence[int]) -> list[QueueMessage]:
+        with self.tracing.span(f"claim {queue}", attributes=messaging(queue, "receive")) as span:
             claimed = await self._backend.claim(
                 queue, msg_ids, self._configs[queue].visibility_timeout
             )
+            span.set_attribute("messaging.batch.message_count", len(claimed))
+            return claimed
+
+    async def _claim_and_run(self, queue: str, msg_ids: Sequence[int]) -> None:
+        try:
+            if self.tracing.enabled:
+                claimed = await self._claim_traced(queue, msg_ids)
+            else:
+                claimed = await self._backend.claim(
+                    queue, msg_ids, self._configs[queue].visibility_timeout
+                )
         except RpcError as error:
             log.warning(
                 "claim failed; the message stays queued for the sweeper",
@@ -231,8 +272,9 @@ class Runner:
         outcome = "error"
         recorded = self._metrics[queue]
         recorded.in_progress.inc()
+        decide = self._decide_traced if self.tracing.enabled else self._decide
         try:
-            outcome = await self._decide(queue, message, context)
+            outcome = await decide(queue, message, context)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -247,6 +289,29 @@ class Runner:
                     "job finished",
                     extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
                 )
+
+    async def _decide_traced(
+        self, queue: str, message: QueueMessage, context: dict[str, Any]
+    ) -> str:
+        """`_decide` in a span: the child of the enqueue that put the job's trace context
+        in its headers (linked to the webhook or read that claimed it), else of those."""
+        attributes: dict[str, AttributeValue] = {
+            **messaging(queue, "process"),
+            "messaging.message.id": str(message.msg_id),
+            "messaging.message.delivery_count": message.read_ct,
+        }
+        with self.tracing.span(
+            f"process {queue}", kind="consumer", attributes=attributes, parent=message.headers
+        ) as span:
+            outcome = await self._decide(queue, message, context)
+            span.set_attribute("queue_worker.outcome", outcome)
+            if outcome in ("retried", "archived"):
+                span.set_error(f"the job was {outcome}")
+            return outcome
+
+    async def _ack_traced(self, queue: str, msg_id: int) -> None:
+        with self.tracing.span(f"ack {queue}", attributes=messaging(queue, "settle")):
+            await self.settler.ack(queue, msg_id)
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
         msg_id = message.msg_id
@@ -287,7 +352,10 @@ class Runner:
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
-        await self.settler.ack(queue, msg_id)
+        if self.tracing.enabled:
+            await self._ack_traced(queue, msg_id)
+        else:
+            await self.settler.ack(queue, msg_id)
         return "succeeded"
 
     async def _retry(
@@ -361,6 +429,8 @@ class Runner:
         await self.settler.close(timeout=settle)
 
     async def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
