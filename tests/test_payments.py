@@ -724,10 +724,10 @@ def test_receipt_is_mailed_once_in_the_customers_language(
     send(db, event(metadata={"locale": "ru"}, amount="1500.00", currency="RUB"))
     send(db, event(metadata={"locale": "ru"}, amount="1500.00", currency="RUB"))  # replayed
     [mail] = smtp.wait_for(1)
-    assert mail["Subject"] == "Квитанция об оплате: 1\u202f500,00 RUB"
+    assert mail["Subject"] == "Квитанция об оплате на сумму 1\u00a0500,00\u00a0₽"
     assert mail["To"] == "anna@example.com"
     text = mail.get_body(("plain",))
-    assert text is not None and "Платёж:            pi_1" in text.get_content()
+    assert text is not None and "Номер платежа:     pi_1" in text.get_content()
     wait_until(lambda: queue_rows(db) == [] and queue_rows(db, QUEUE) == [], what="both queues")
     assert len(smtp.received) == 1  # the replayed event sent no second receipt
     assert events(db) == {"evt_1": ("applied", 1)}
