@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     mail_from_name: str | None = None
     # The language of templated mails that do not say (`locale` in the job).
     mail_default_locale: Literal["en", "ru"] = "en"
+    # A report's CSV attachment at most this many bytes; a larger one is refused
+    # (permanent) instead of being built and mailed.
+    report_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
     # Jobs
     # The queues this service processes (comma-separated), among those of the queues
