@@ -23,11 +23,13 @@ tab, a form feed or 0x1C-0x1E as it does at CR LF, so each of them could start a
 
 from __future__ import annotations
 
+import email.policy
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
 from email.headerregistry import Address as HeaderAddress
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
@@ -35,6 +37,29 @@ from app.errors import PermanentError
 
 # C0 (tab included), DEL, C1 (U+0085 NEL included), LINE and PARAGRAPH SEPARATOR.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard header registry, its classes made once per name.
+
+    The standard one builds a new class with `type()` for every header it sets: a
+    third of the time a mail took to compose (0.85 -> 0.54 ms, bench/README.md).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
+# email.policy.default (RFC 5322 and 2047/2231, folding at 78), with cached header classes.
+POLICY = email.policy.default.clone(header_factory=_HeaderClasses())
 
 
 @dataclass(frozen=True)
@@ -121,7 +146,7 @@ def compose(mail: Mail, sender: Address) -> EmailMessage:
     check_headers(mail, sender.name)
     if mail.text is None and mail.html is None:
         raise PermanentError("a mail needs a text or an HTML body")
-    message = EmailMessage()
+    message = EmailMessage(policy=POLICY)
     message["From"] = _header_address("MAIL_FROM", sender)
     message["To"] = _addresses("to", mail.to)
     if mail.cc:
