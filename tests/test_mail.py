@@ -11,6 +11,7 @@ import asyncio
 import base64
 import email
 import email.policy
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from app.errors import PermanentError, RetryableError
 from app.mail import LOCALES, Address, Attachment, Mail, Mailer
 from app.outbox import Outbox
 from tests.conftest import Service, ServiceFactory
+from tests.support.cli import run_cli
 from tests.support.pg_net import PgNetSender
 from tests.support.postgres import Database
 from tests.support.settings import settings_for
@@ -419,4 +421,22 @@ def test_templated_jobs_are_refused_at_enqueue_naming_the_fault(
         response = post(api, {"to": "a@example.com", **job})
         assert response.status_code == 422, response.text
         assert says in response.json()["message"], response.text
+    assert queue_rows(db) == []
+
+
+def test_the_cli_refuses_a_templated_job_as_the_manual_api_does(
+    db: Database,
+    api: tuple[Service, dict[str, str]],
+    service_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    job = {"to": "a@example.com", "template": "checkup_completed", "context": {}}
+    refused = post(api, job)
+    assert refused.status_code == 422
+    assert "template 'checkup_completed' (en): 'patient_name' is undefined" in refused.text
+    ran = run_cli(
+        "enqueue", "email_queue", json.dumps(job), settings=service_settings, cwd=tmp_path
+    )
+    assert ran.code == 1
+    assert ran.err.strip() == f"queue-worker: {refused.json()['message']}"
     assert queue_rows(db) == []
