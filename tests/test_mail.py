@@ -440,3 +440,8 @@ def test_the_cli_refuses_a_templated_job_as_the_manual_api_does(
     assert ran.code == 1
     assert ran.err.strip() == f"queue-worker: {refused.json()['message']}"
     assert queue_rows(db) == []
+
+
+def test_a_sender_name_with_a_control_character_stops_start_up() -> None:
+    with pytest.raises(ValueError, match="mail_from_name\n.*line breaks or control characters"):
+        settings_for(mail_from_name="Queue\x0bWorker")
