@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.mime import HEADER_UNSAFE
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Where local mode listens when HOST is not set.
 LOCAL_HOST = "127.0.0.1"
@@ -144,7 +146,7 @@ class Settings(BaseSettings):
     # Serve /docs and /openapi.json; off by default.
     enable_docs: bool = False
 
-    # SMTP (fastapi-mail). SMTP_HOST and MAIL_FROM are required unless in local
+    # SMTP (app/mail.py). SMTP_HOST and MAIL_FROM are required unless in local
     # mode, where no SMTP_HOST means mail goes to the outbox; "" means not set.
     smtp_host: str = ""
     smtp_port: Port = 587
@@ -164,11 +166,17 @@ class Settings(BaseSettings):
     smtp_keepalive_seconds: float = Field(10.0, ge=0)
     # Mails per second per process (unset = no limit); providers throttle.
     smtp_max_per_second: float | None = Field(None, gt=0)
+    # After a 421 or 451 reply the next attempt of that mail waits this long (capped
+    # by RETRY_MAX_SECONDS) instead of the usual backoff.
+    smtp_backoff_seconds: float = Field(60.0, ge=0)
     smtp_ca_file: FilePath | None = None
     mail_from: EmailStr = ""
     mail_from_name: str | None = None
     # The language of templated mails that do not say (`locale` in the job).
     mail_default_locale: Literal["en", "ru"] = "en"
+    # A report's CSV attachment at most this many bytes; a larger one is refused
+    # (permanent) instead of being built and mailed.
+    report_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
     # Jobs
     # The queues this service processes (comma-separated), among those of the queues
@@ -248,6 +256,9 @@ class Settings(BaseSettings):
     def _not_a_template_name(cls, value: object) -> object:
         if isinstance(value, str) and is_template_text(value):
             raise ValueError("looks like a placeholder from a template (<...>), not a real name")
+        # It goes into every mail's From header (app/mime.py).
+        if isinstance(value, str) and HEADER_UNSAFE.search(value):
+            raise ValueError("must not contain line breaks or control characters")
         return value
 
     @field_validator("log_level", mode="before")

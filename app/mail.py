@@ -1,266 +1,96 @@
-"""Sending mail with fastapi-mail, templates, and telling a bad address from a bad day.
+"""Sending mail over SMTP, and telling a bad address from a bad day.
 
-One `Mailer` per process, created in the lifespan. SMTP replies are sorted into
-the job error tree: a 5xx about the message or its recipients is permanent, while
-connection, login, timeout and 4xx failures are retryable (the message is fine;
-the server or our credentials are not, and retrying later can succeed).
+One `Mailer` per process, created in the lifespan. A mail is composed as standard MIME
+by `app.mime.compose` (the standard library's EmailMessage; docs/guides/jobs.md#mail
+says why not fastapi-mail) and delivered with aiosmtplib over a small pool of sessions.
+Templates are `app.mail_templates.Templates`, rendered here before a mail is composed.
 
-Templates live in `app/templates/email/<locale>/<name>.html` and `.txt`, sharing the
-layouts `base.html` and `base.txt`; the `.txt` file's `subject` block is the subject.
-They are compiled once at start into one Jinja2 environment (the engine fastapi-mail
-uses) with strict undefined variables: a missing variable is an error that names
-it, never an empty gap in a mail. HTML is autoescaped, plain text is not.
-fastapi-mail's own template path builds a new environment for every message and
-escapes plain text as HTML, so the bodies are rendered here and handed to it.
+Each SMTP reply is sorted into the job error tree by its code and the stage it
+answered (`_classify`): a 5xx to MAIL FROM, RCPT TO or DATA refuses this message
+(too large, no such mailbox, policy): permanent. A 4xx is retryable, and a 421
+(closing) or 451 (local problem) asks for the next attempt after
+SMTP_BACKOFF_SECONDS rather than the usual backoff. Connection, TLS, login and
+timeout failures are retryable: the message is fine; the server or our credentials
+are not, and retrying after a fix can succeed.
 
 Connections are reused: mails that go out together share one SMTP session (up to
 `SMTP_MAX_CONNECTIONS` at once, kept open `SMTP_KEEPALIVE_SECONDS` after the last
-mail), and `SMTP_MAX_PER_SECOND` paces sending for providers that throttle.
+mail), and `SMTP_MAX_PER_SECOND` paces the start of each mail's transaction (MAIL FROM)
+on a session that is ready, so the server sees at most that many a second.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import re
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
-from email.message import Message
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
 
 import aiosmtplib
-import jinja2
-from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
-from fastapi_mail.schemas import MultipartSubtypeEnum
-from pydantic import NameEmail
-from starlette.datastructures import Headers, UploadFile
 
 from app import metrics
 from app.config import Settings
 from app.errors import JobError, PermanentError, RetryableError
+from app.mail_templates import LOCALES, TEMPLATES_DIR, Rendered, Templates
+from app.mime import Address, Attachment, Mail, compose
 from app.tracing import OFF, AttributeValue, Tracing
+from app.worker.ratelimit import RateLimiter
+
+__all__ = [
+    "LOCALES",
+    "TEMPLATES_DIR",
+    "Address",
+    "Attachment",
+    "Mail",
+    "Mailer",
+    "Rendered",
+    "Templates",
+]
 
 log = logging.getLogger(__name__)
 
-LOCALES = ("en", "ru")
-# Collapsed to one space in a rendered subject: a variable can never start a new header.
-_LINE_BREAKS = re.compile(r"[\r\n\t\v\f\x85\u2028\u2029 ]+")
-TEMPLATES_DIR = Path(__file__).with_name("templates") / "email"
 # Mails with more attachment bytes than this are composed off the event loop.
 COMPOSE_IN_THREAD_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Address:
-    """An address with an optional display name."""
-
-    email: str
-    name: str | None = None
-
-
-@dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content_type: str
-    content: bytes
-
-
-@dataclass(frozen=True)
-class Mail:
-    """A mail ready to send: at least one of `text` and `html`."""
-
-    to: list[Address]
-    subject: str
-    text: str | None = None
-    html: str | None = None
-    cc: list[Address] = field(default_factory=list)
-    bcc: list[Address] = field(default_factory=list)
-    reply_to: list[Address] = field(default_factory=list)
-    attachments: list[Attachment] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A template rendered for one mail."""
-
-    subject: str
-    html: str
-    text: str
-
-
-def _money(value: object, locale: str) -> str:
-    """`1234.50` -> `1,234.50` (en) or `1 234,50` (ru): grouped, digits exactly as given."""
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        return str(value)
-    if not amount.is_finite():
-        return str(value)
-    text = f"{amount:,f}"
-    if locale == "ru":
-        return text.replace(",", "\u202f").replace(".", ",")
-    return text
-
-
-def _datetime(value: object) -> str:
-    """An ISO 8601 timestamp as `2026-11-27 21:32 UTC`; anything else unchanged."""
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return str(value)
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC)
-    return parsed.strftime("%Y-%m-%d %H:%M UTC")
-
-
-class Templates:
-    """The mail templates, compiled once; `render()` is thread-safe."""
-
-    def __init__(self, directory: Path = TEMPLATES_DIR) -> None:
-        self._env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(directory),
-            autoescape=jinja2.select_autoescape(["html"]),
-            undefined=jinja2.StrictUndefined,
-            auto_reload=False,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-        self._env.filters["money"] = _money
-        self._env.filters["datetime"] = _datetime
-        self._compiled: dict[tuple[str, str], tuple[jinja2.Template, jinja2.Template]] = {}
-        for locale in LOCALES:
-            for path in sorted((directory / locale).glob("*.html")):
-                html = self._env.get_template(f"{locale}/{path.name}")
-                text = self._env.get_template(f"{locale}/{path.stem}.txt")
-                if "subject" not in text.blocks:
-                    raise RuntimeError(f"template {locale}/{path.stem}.txt has no subject block")
-                self._compiled[(path.stem, locale)] = (html, text)
-        for name in self.names:
-            missing = [loc for loc in LOCALES if (name, loc) not in self._compiled]
-            if missing:
-                raise RuntimeError(f"template {name!r} is missing locale(s) {missing}")
-
-    @property
-    def names(self) -> list[str]:
-        return sorted({name for name, _ in self._compiled})
-
-    def render(self, name: str, locale: str, context: Mapping[str, Any]) -> Rendered:
-        """Renders template `name` in `locale`; PermanentError names what is wrong."""
-        compiled = self._compiled.get((name, locale))
-        if compiled is None:
-            if name not in self.names:
-                raise PermanentError(f"unknown template {name!r}; known: {', '.join(self.names)}")
-            raise PermanentError(f"template {name!r} has no locale {locale!r}")
-        html, text = compiled
-        variables = {**context, "locale": locale}
-        try:
-            subject = "".join(text.blocks["subject"](text.new_context(variables)))
-            rendered = Rendered(
-                subject=_LINE_BREAKS.sub(" ", subject).strip(),
-                html=html.render(variables),
-                text=text.render(variables).strip() + "\n",
-            )
-        except jinja2.UndefinedError as error:
-            raise PermanentError(
-                f"template {name!r} ({locale}): {error.message or 'undefined variable'}"
-            ) from None
-        except (jinja2.TemplateError, TypeError, ValueError) as error:
-            raise PermanentError(f"template {name!r} ({locale}) failed: {error}") from None
-        if not rendered.subject:
-            raise PermanentError(f"template {name!r} ({locale}) rendered an empty subject")
-        return rendered
-
-
-def connection_config(settings: Settings) -> ConnectionConfig:
-    """fastapi-mail's config from our settings; every field explicit.
-
-    ConnectionConfig is itself a BaseSettings and would otherwise pick up stray
-    MAIL_* variables from the environment.
-    """
-    password = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
-    return ConnectionConfig(
-        MAIL_USERNAME=settings.smtp_user or "",
-        MAIL_PASSWORD=password,
-        MAIL_SERVER=settings.smtp_host,
-        MAIL_PORT=settings.smtp_port,
-        MAIL_STARTTLS=settings.smtp_starttls,
-        MAIL_SSL_TLS=settings.smtp_ssl_tls,
-        MAIL_FROM=settings.mail_from,
-        MAIL_FROM_NAME=settings.mail_from_name,
-        USE_CREDENTIALS=bool(settings.smtp_user),
-        VALIDATE_CERTS=True,
-        TIMEOUT=settings.smtp_timeout_seconds,
-        CERT_BUNDLE=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
-        MAIL_DEBUG=0,
-        SUPPRESS_SEND=0,
-        TEMPLATE_FOLDER=None,
-        LOCAL_HOSTNAME=None,
-    )
-
-
-def _addresses(addresses: list[Address]) -> list[NameEmail]:
-    # fastapi-mail would give a bare address its local part as a display name
-    # ("a <a@example.com>"); a name equal to the address is left out instead.
-    return [NameEmail(a.name or a.email, a.email) for a in addresses]
-
-
-def _upload(attachment: Attachment) -> UploadFile:
-    return UploadFile(
-        file=io.BytesIO(attachment.content),
-        filename=attachment.filename,
-        headers=Headers({"content-type": attachment.content_type}),
-    )
-
-
-def _schema(mail: Mail) -> MessageSchema:
-    common = {
-        "recipients": _addresses(mail.to),
-        "cc": _addresses(mail.cc),
-        "bcc": _addresses(mail.bcc),
-        "reply_to": _addresses(mail.reply_to),
-        "subject": mail.subject,
-        "attachments": [_upload(a) for a in mail.attachments],
-    }
-    if mail.html is not None and mail.text is not None:
-        # Plain first, HTML last: in multipart/alternative the last part is the
-        # preferred one, so clients that can show HTML do.
-        return MessageSchema(
-            **common,
-            body=mail.text,
-            alternative_body=mail.html,
-            subtype=MessageType.plain,
-            multipart_subtype=MultipartSubtypeEnum.alternative,
-        )
-    if mail.html is not None:
-        return MessageSchema(**common, body=mail.html, subtype=MessageType.html)
-    return MessageSchema(**common, body=mail.text, subtype=MessageType.plain)
+# Replies that say "not now, and not soon": the next attempt waits SMTP_BACKOFF_SECONDS.
+BACK_OFF_CODES = frozenset({421, 451})
+# 530 "authentication required" at MAIL FROM is our configuration, not the message.
+_CONFIGURATION_CODES = frozenset({530})
 
 
 def _reply(code: int, message: str) -> str:
     return f"{code} {message}".strip()
 
 
-def _classify(error: Exception) -> JobError:
-    """An SMTP failure as a job error: permanent only when the message itself is refused."""
+def _by_code(stage: str, codes: list[int], replies: str, backoff: float) -> JobError:
+    """A reply (or replies, one per recipient) at a message stage, by its code."""
+    if all(500 <= code < 600 for code in codes) and not set(codes) & _CONFIGURATION_CODES:
+        return PermanentError(f"SMTP refused the message at {stage}: {replies}")
+    after = backoff if set(codes) & BACK_OFF_CODES else None
+    if set(codes) & _CONFIGURATION_CODES:
+        return RetryableError(
+            f"SMTP wants a login at {stage} ({replies}): set SMTP_USER and SMTP_PASSWORD",
+            after=after,
+        )
+    return RetryableError(f"SMTP deferred the message at {stage}: {replies}", after=after)
+
+
+def _classify(error: Exception, backoff: float) -> JobError:
+    """An SMTP failure as a job error, by the reply's code and the stage it came at."""
     if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
         replies = "; ".join(_reply(r.code, r.message) for r in error.recipients)
-        if all(500 <= r.code < 600 for r in error.recipients):
-            return PermanentError(f"SMTP refused the recipients: {replies}")
-        return RetryableError(f"SMTP refused the recipients for now: {replies}")
-    if isinstance(error, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPSenderRefused):
-        # Our credentials or sender address, not the job: retrying after the
-        # configuration is fixed saves the job.
-        return RetryableError(f"SMTP refused us: {_reply(error.code, error.message)}")
+        return _by_code("RCPT TO", [r.code for r in error.recipients], replies, backoff)
+    if isinstance(error, aiosmtplib.SMTPSenderRefused):
+        return _by_code("MAIL FROM", [error.code], _reply(error.code, error.message), backoff)
+    if isinstance(error, aiosmtplib.SMTPDataError):
+        return _by_code("DATA", [error.code], _reply(error.code, error.message), backoff)
+    if isinstance(error, aiosmtplib.SMTPAuthenticationError):
+        # Our credentials, not the job: retrying after the configuration is fixed saves it.
+        return RetryableError(f"SMTP refused our login: {_reply(error.code, error.message)}")
     if isinstance(error, aiosmtplib.SMTPResponseException):
-        reply = _reply(error.code, error.message)
-        if 500 <= error.code < 600:
-            return PermanentError(f"SMTP rejected the message: {reply}")
-        return RetryableError(f"SMTP failed: {reply}")
+        # The greeting, EHLO, STARTTLS: the server or the connection, never the message.
+        after = backoff if error.code in BACK_OFF_CODES else None
+        return RetryableError(f"SMTP failed: {_reply(error.code, error.message)}", after=after)
     return RetryableError(f"SMTP unavailable: {type(error).__name__}: {error}")
 
 
@@ -289,22 +119,6 @@ async def _closed(transport: asyncio.BaseTransport | None, timeout: float = 2.0)
         await asyncio.sleep(0.005)
 
 
-class _Pacer:
-    """At most `rate` starts per second, evenly spaced (no bursts)."""
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        start = max(now, self._next)
-        self._next = start + self._interval
-        if start > now:
-            await asyncio.sleep(start - now)
-
-
 @dataclass
 class _Idle:
     smtp: aiosmtplib.SMTP
@@ -314,9 +128,9 @@ class _Idle:
 class Mailer:
     """The process's SMTP sender.
 
-    fastapi-mail composes the messages (MIME structure, encodings); delivery goes
-    through aiosmtplib, fastapi-mail's own transport, driven here so that
-    connections are reused and closed completely, and each SMTP reply is classified.
+    `app.mime.compose` writes the messages (MIME structure, encodings); delivery goes
+    through aiosmtplib, driven here so that connections are reused and closed
+    completely, and each SMTP reply is classified.
     """
 
     def __init__(
@@ -324,41 +138,36 @@ class Mailer:
     ) -> None:
         self._settings = settings
         self._tracing = tracing
-        self._compose = FastMail(connection_config(settings))
+        self._sender = Address(settings.mail_from, settings.mail_from_name or None)
+        self._backoff = settings.smtp_backoff_seconds
         self._tls = _tls_context(settings)
         self.templates = templates or Templates()
         self.default_locale: str = settings.mail_default_locale
         self._keepalive = settings.smtp_keepalive_seconds
         self._slots = asyncio.Semaphore(settings.smtp_max_connections)
         self._idle: list[_Idle] = []
-        self._pacer = _Pacer(settings.smtp_max_per_second) if settings.smtp_max_per_second else None
+        rate = settings.smtp_max_per_second
+        self._pacer = RateLimiter(rate) if rate else None
         self._reaper: asyncio.TimerHandle | None = None
 
-    async def compose(self, mail: Mail) -> Message:
-        """The MIME message fastapi-mail builds for `mail`.
+    async def compose(self, mail: Mail) -> EmailMessage:
+        """The MIME message for `mail`; PermanentError names a header value it refuses.
 
         Encoding megabytes of attachments takes a while of pure CPU: a large mail is
-        composed in a worker thread (with an event loop of its own, as fastapi-mail's
-        API is async) so that webhooks are not held up meanwhile.
+        composed in a worker thread so that webhooks are not held up meanwhile.
         """
-        schema = _schema(mail)
         if sum(len(a.content) for a in mail.attachments) > COMPOSE_IN_THREAD_BYTES:
-            message = await asyncio.to_thread(asyncio.run, self._compose.get_message(schema))
-        else:
-            message = await self._compose.get_message(schema)
-        assert isinstance(message, Message)  # one schema in, one message out
-        return message
+            return await asyncio.to_thread(compose, mail, self._sender)
+        return compose(mail, self._sender)
 
     async def send(self, mail: Mail) -> None:
         """Sends `mail`; raises PermanentError or RetryableError on failure."""
         message = await self.compose(mail)
         try:
-            if self._pacer is not None:
-                await self._pacer.wait()
             await self._deliver(message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
             metrics.EMAILS.labels("failed").inc()
-            raise _classify(error) from None
+            raise _classify(error, self._backoff) from None
         except Exception:
             metrics.EMAILS.labels("failed").inc()
             raise
@@ -462,13 +271,24 @@ class Mailer:
         async with self._slots:
             smtp = await self._connection()
             try:
-                await smtp.send_message(message)
+                if self._pacer is not None:
+                    # Paced on a ready session, so that the server sees the mails (not
+                    # our connection attempts) at most SMTP_MAX_PER_SECOND apart.
+                    await self._pacer.wait()
+                refused, _ = await smtp.send_message(message)
             except BaseException:
                 # Only a session that just delivered is trusted with the next mail.
                 await self._close(smtp)
                 raise
             if not self._keep(smtp):
                 await self._close(smtp)
+        if refused:
+            # Delivered to the others: a retry would send it to them twice.
+            codes = sorted({reply.code for reply in refused.values()})
+            log.warning(
+                "mail delivered, some recipients refused",
+                extra={"refused": len(refused), "codes": codes},
+            )
 
     async def _close(self, smtp: aiosmtplib.SMTP) -> None:
         transport = smtp.transport

@@ -1,6 +1,6 @@
 """The local outbox: mail written to files instead of sent, for local mode without SMTP.
 
-`Outbox` is the `Mailer` with another last step: the message fastapi-mail composed
+`Outbox` is the `Mailer` with another last step: the message `app.mime.compose` wrote
 (templates, MIME structure and encodings exactly as for SMTP) is written to
 DATA_DIR/outbox/ as one `.eml` file per mail, which any mail client opens. Bcc is
 taken out of the headers as SMTP delivery does; every envelope recipient is listed

@@ -21,10 +21,12 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from fastapi_mail import FastMail
+from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
+from fastapi_mail.schemas import MultipartSubtypeEnum
+from pydantic import NameEmail
 
 from app.config import Settings
-from app.mail import Address, Mail, Mailer, _schema, connection_config
+from app.mail import Address, Mail, Mailer
 from tests.support.settings import settings_for
 from tests.support.smtp import SmtpServer, running_smtp
 
@@ -41,6 +43,39 @@ def settings(smtp: SmtpServer, **overrides: object) -> Settings:
         smtp_ca_file=smtp.ca_file,
         mail_from="bench@example.com",
         **overrides,
+    )
+
+
+def connection_config(settings: Settings) -> ConnectionConfig:
+    """fastapi-mail's config for the baseline (the service composed with it until 2026-12)."""
+    password = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
+    return ConnectionConfig(
+        MAIL_USERNAME=settings.smtp_user or "",
+        MAIL_PASSWORD=password,
+        MAIL_SERVER=settings.smtp_host,
+        MAIL_PORT=settings.smtp_port,
+        MAIL_STARTTLS=settings.smtp_starttls,
+        MAIL_SSL_TLS=settings.smtp_ssl_tls,
+        MAIL_FROM=settings.mail_from,
+        MAIL_FROM_NAME=settings.mail_from_name,
+        USE_CREDENTIALS=bool(settings.smtp_user),
+        VALIDATE_CERTS=True,
+        TIMEOUT=settings.smtp_timeout_seconds,
+        CERT_BUNDLE=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
+        MAIL_DEBUG=0,
+        SUPPRESS_SEND=0,
+        TEMPLATE_FOLDER=None,
+        LOCAL_HOSTNAME=None,
+    )
+
+
+def _schema(mail: Mail) -> MessageSchema:
+    return MessageSchema(
+        recipients=[NameEmail(a.name or a.email, a.email) for a in mail.to],
+        subject=mail.subject,
+        body=mail.text,
+        subtype=MessageType.plain,
+        multipart_subtype=MultipartSubtypeEnum.mixed,
     )
 
 

@@ -153,7 +153,8 @@ def test_templated_mail_in_russian_arrives_intact(
     assert mail["To"] == "Анна Петрова <anna@example.com>"
     text, html = _parts(mail)
     assert "Здравствуйте, Анна Петрова!" in text
-    assert "у врача Иванов И. И." in text
+    assert "Ваше обследование от 27.11.2026 завершено" in text
+    assert "Лечащий врач: Иванов И. И." in text
     assert '<a href="https://example.com/results/1"' in html
     assert '<html lang="ru">' in html
     wait_until(lambda: queue_rows(db) == [], what="the message to be deleted")
@@ -240,5 +241,9 @@ def test_sending_is_paced_by_smtp_max_per_second(
         enqueue(db, {"to": "a@example.com", "subject": f"Paced {n}", "text": "x"})
     smtp.wait_for(5)
     times = sorted(received.at for received in smtp.received)
-    # Five starts at most four per second: the last is a second after the first.
-    assert times[-1] - times[0] >= 0.9
+    # Five mails at most four per second: the last a second after the first, none closer
+    # than a quarter of a second to the one before. Paced before the session was ready,
+    # the first mail's connect and login ate into its quarter: 5 mails in 0.81 s.
+    assert times[-1] - times[0] >= 0.95
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.2, gaps

@@ -428,6 +428,8 @@ def test_receipt_locale_and_unicode_metadata(
     assert receipt.get("locale") == locale
     assert ("locale" in receipt) == (locale is not None)
     assert receipt["context"]["amount"] == "1500"
+    # The receipt greets the customer by the name the event gave, when it gave one.
+    assert receipt["context"].get("customer_name") == metadata.get("customer_name")
 
 
 def test_malformed_events_are_archived_naming_the_field(
@@ -721,13 +723,15 @@ def test_receipt_is_mailed_once_in_the_customers_language(
 ) -> None:
     # Both queues served: the receipt the payment enqueues is sent by the email processor.
     start_service()
-    send(db, event(metadata={"locale": "ru"}, amount="1500.00", currency="RUB"))
-    send(db, event(metadata={"locale": "ru"}, amount="1500.00", currency="RUB"))  # replayed
+    metadata = {"locale": "ru", "customer_name": "Анна Петрова"}
+    send(db, event(metadata=metadata, amount="1500.00", currency="RUB"))
+    send(db, event(metadata=metadata, amount="1500.00", currency="RUB"))  # replayed
     [mail] = smtp.wait_for(1)
-    assert mail["Subject"] == "Квитанция об оплате: 1\u202f500,00 RUB"
+    assert mail["Subject"] == "Квитанция об оплате на сумму 1\u00a0500,00\u00a0₽"
     assert mail["To"] == "anna@example.com"
     text = mail.get_body(("plain",))
-    assert text is not None and "Платёж:            pi_1" in text.get_content()
+    assert text is not None and "Номер платежа:     pi_1" in text.get_content()
+    assert text.get_content().startswith("Здравствуйте, Анна Петрова!")
     wait_until(lambda: queue_rows(db) == [] and queue_rows(db, QUEUE) == [], what="both queues")
     assert len(smtp.received) == 1  # the replayed event sent no second receipt
     assert events(db) == {"evt_1": ("applied", 1)}

@@ -247,7 +247,14 @@ def test_the_newest_migration_attaches_the_built_in_queues_by_name_only() -> Non
     # history); from the catalogue migration on, a name appears only in an attach line.
     catalogue_migration = next(p for p in migration_files() if "queue_catalogue" in p.name)
     later = [p for p in migration_files() if p.name >= catalogue_migration.name]
+    # The one business rule that names a queue (test above): apply_payment_event sends
+    # its receipt to email_queue, so a migration that replaces it keeps that line.
+    receipt = "select s into v_receipt from pgmq.send('email_queue', v_job) s;"
     for path in later:
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        replaces_apply = "function queue_worker.apply_payment_event(" in text
+        for line in text.splitlines():
+            if replaces_apply and line.strip() == receipt:
+                continue
             if re.search(r"'(email|reports|payments)_queue'", line):
                 assert line.startswith("select queue_worker.attach_queue("), (path.name, line)

@@ -218,7 +218,7 @@ def test_payments_summary_is_mailed_with_every_payment_in_the_csv(
         ["USD", "pending", "1", "1,000.00"],
     ]
     text = plain_text(mail)
-    assert "2026-11-01 – 2026-11-30 (UTC)" in text
+    assert "Nov 1, 2026 – Nov 30, 2026 (UTC)" in text
     assert "payments_summary_2026-11-01_2026-12-01.csv (rows: 5)" in text
 
     filename, data = csv_attachment(mail)
@@ -264,12 +264,12 @@ def test_russian_report_with_filters_arrives_intact(
 
     [mail] = smtp.wait_for(1)
     assert mail["To"] == "Анна Петрова <anna@example.com>"
-    assert mail["Subject"] == "Отчёт готов: Сводка платежей (RUB, оплачен)"
-    assert html_table(mail) == [["RUB", "оплачен", "2", "1\u202f234,50"]]
+    assert mail["Subject"] == "Отчёт «Сводка платежей (RUB, оплаченные)» готов"
+    assert html_table(mail) == [["RUB", "оплаченные", "2", "1\u00a0234,50"]]
     html_part = mail.get_body(("html",))
     assert html_part is not None
     assert "01.11.2026 – 30.11.2026 (UTC)" in html_part.get_content()
-    assert "Полный отчёт во вложении" in plain_text(mail)
+    assert "Полный отчёт — во вложении" in plain_text(mail)
 
     _, data = csv_attachment(mail)
     rows = parse_csv(data)
@@ -473,6 +473,51 @@ def test_large_report_is_mailed_with_every_row(
     wait_until(lambda: queue_rows(db, QUEUE) == [], what="the report job to be deleted")
 
 
+def test_a_report_larger_than_report_max_bytes_is_refused_at_once_with_the_limit(
+    db: Database, start_service: ServiceFactory, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    # The hostile run: 3,000 payments with 16 KiB of metadata each (a 48 MB CSV) was
+    # built, mailed and refused, five times over.
+    start_service(report_max_bytes=1024 * 1024, **FAST_RETRIES)
+    with db.connect(role="qw_postgres") as conn:
+        conn.execute(
+            """
+            insert into queue_worker.payments
+              (provider, payment_id, status, amount, currency, customer_email, metadata,
+               created_at)
+            select 'stripe', 'pi_' || n, 'succeeded', 1, 'EUR', 'c' || n || '@example.com',
+                   jsonb_build_object('blob', repeat('x', 16384)),
+                   timestamptz '2026-11-01 00:00:00+00' + n * interval '1 minute'
+              from generate_series(1, 3000) n
+            """
+        )
+    msg_id = enqueue(db, report_job())
+    [(archived_id, read_ct, error)] = wait_until(
+        lambda: archived_rows(db, QUEUE), timeout=60, what="the archive"
+    )
+    assert (archived_id, read_ct) == (msg_id, 1)
+    assert error["type"] == "PermanentError"
+    assert error["message"].startswith(
+        "report too large: the CSV would be larger than 1048576 bytes "
+        "(REPORT_MAX_BYTES=1048576, 3000 rows)"
+    )
+    assert smtp.received == []
+
+
+def test_an_empty_report_says_so(
+    db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
+) -> None:
+    enqueue(db, report_job(locale="ru"))
+    enqueue(db, report_job(recipient="b@example.com"))
+    mails = smtp.wait_for(2)
+    texts = sorted(plain_text(mail) for mail in mails)
+    assert "There is no data for this period." in texts[0]
+    assert "За этот период данных нет." in texts[1]
+    for mail in mails:
+        html_part = mail.get_body(("html",))
+        assert html_part is not None and "<thead>" not in html_part.get_content()
+
+
 def test_summary_longer_than_the_mail_shows_is_cut_and_the_csv_is_not(
     db: Database, service: Service, sender: PgNetSender, smtp: SmtpServer
 ) -> None:
@@ -565,8 +610,9 @@ def test_amounts_are_exact_decimal_strings() -> None:
     assert exact(Decimal("1E+2")) == "100"
     assert exact(Decimal("0.000001")) == "0.000001"
     assert exact(Decimal("99999999999999.999999")) == "99999999999999.999999"
-    assert display_amount(Decimal("1234567.5"), "en") == "1,234,567.5"
-    assert display_amount(Decimal("1234567.50"), "ru") == "1\u202f234\u202f567,50"
+    assert display_amount(Decimal("1234567.5"), "en") == "1,234,567.50"
+    assert display_amount(Decimal("1234567.50"), "ru") == "1\u00a0234\u00a0567,50"
+    assert display_amount(Decimal("0.000001"), "en") == "0.000001"
 
 
 @pytest.mark.parametrize(

@@ -271,6 +271,33 @@ async def test_temporary_failure_at_data_stores_nothing(starttls_server: SmtpSer
     assert len(server.wait_for(1)) == 1
 
 
+async def test_permanent_refusals_at_mail_and_data_are_counted_apart(
+    starttls_server: SmtpServer,
+) -> None:
+    server = starttls_server
+    temporary = server.temporary_failures_served
+    permanent = server.permanent_failures_served
+    server.refuse("mail", "552 5.3.4 Message size exceeds fixed limit", times=1)
+    server.refuse("data", "554 5.7.1 Rejected as spam", times=1)
+    async with client(server) as smtp:
+        await smtp.login(server.username, server.password)
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await smtp.send_message(make_message())
+        assert refused.value.code == 552
+        with pytest.raises(aiosmtplib.SMTPDataError) as failed:
+            await smtp.send_message(make_message())
+        assert failed.value.code == 554
+        await smtp.send_message(make_message())  # times=1 each: the third goes through
+
+    assert len(server.wait_for(1)) == 1
+    assert server.permanent_failures_served - permanent == 2
+    assert server.temporary_failures_served == temporary
+    with pytest.raises(ValueError):
+        server.refuse("data", "451 not permanent")
+    with pytest.raises(ValueError):
+        server.refuse("connect", "554 no")
+
+
 async def test_busy_server_greets_with_421_a_limited_number_of_times(server: SmtpServer) -> None:
     server.fail_temporarily("connect", times=2)
     for _ in range(2):

@@ -64,9 +64,11 @@ def test_each_template_renders_subject_html_and_text(
 def test_language_changes_the_words(templates: Templates) -> None:
     en = templates.render("payment_receipt", "en", CONTEXTS["payment_receipt"])
     ru = templates.render("payment_receipt", "ru", CONTEXTS["payment_receipt"])
-    assert en.subject == "Payment receipt: 1,234.50 RUB"
-    assert ru.subject == "Квитанция об оплате: 1\u202f234,50 RUB"
-    assert "2026-11-27 18:32 UTC" in en.text  # paid_at shown in UTC
+    assert en.subject == "Payment receipt: RUB\u00a01,234.50"
+    assert ru.subject == "Квитанция об оплате на сумму 1\u00a0234,50\u00a0₽"
+    # paid_at shown in UTC, in the locale's one date format
+    assert "Nov 27, 2026, 6:32\u202fPM UTC" in en.text
+    assert "27.11.2026, 18:32 UTC" in ru.text
 
 
 def test_a_missing_variable_is_named(templates: Templates) -> None:
@@ -90,12 +92,13 @@ def test_html_is_escaped_and_text_is_not(templates: Templates) -> None:
 
 
 def test_line_breaks_in_variables_never_reach_the_subject(templates: Templates) -> None:
-    context = {**CONTEXTS["report_ready"], "title": "Q4\r\nBcc: victim@example.com"}
-    rendered = templates.render("report_ready", "en", context)
-    assert rendered.subject == "Report ready: Q4 Bcc: victim@example.com"
+    for char in ("\r\n", "\x0b", "\x1e", "\u2028"):
+        context = {**CONTEXTS["report_ready"], "title": f"Q4{char}Bcc: victim@example.com"}
+        with pytest.raises(PermanentError, match="^context.title: must not contain line breaks"):
+            templates.render("report_ready", "en", context)
 
 
 def test_amounts_are_shown_exactly(templates: Templates) -> None:
     context = {**CONTEXTS["payment_receipt"], "amount": "1000000.005", "currency": "BHD"}
     rendered = templates.render("payment_receipt", "en", context)
-    assert "1,000,000.005 BHD" in rendered.text
+    assert "BHD\u00a01,000,000.005" in rendered.text

@@ -13,7 +13,7 @@ when absent); `subject` may then override the template's subject:
 
 ```json
 {"to": "anna@example.com", "template": "checkup_completed", "locale": "ru",
- "context": {"patient_name": "Анна", "checkup_date": "27.11.2026",
+ "context": {"patient_name": "Анна", "checkup_date": "2026-11-27",
              "doctor_name": "Иванов И. И.", "results_url": "https://example.com/r/1"}}
 ```
 """
@@ -41,6 +41,7 @@ from pydantic import (
 
 from app.jobs import Resources
 from app.mail import Address, Attachment, Mail, Mailer
+from app.mime import check_headers, unsafe_character
 from app.processors import parse_body, parse_job
 from app.queue.models import QueueMessage
 
@@ -53,9 +54,11 @@ MAX_CONTEXT_BYTES = 256 * 1024
 
 
 def _one_line(value: str) -> str:
-    # A CR or LF would end the header and start another one: refused, never sent.
-    if "\r" in value or "\n" in value:
-        raise ValueError("must not contain line breaks")
+    # A CR or LF would end the header and start another one, and some mail software
+    # takes VT, FF or 0x1C-0x1E for one too: refused, never sent (app/mime.py).
+    bad = unsafe_character(value)
+    if bad is not None:
+        raise ValueError(f"must not contain line breaks or control characters ({bad})")
     return value
 
 
@@ -86,7 +89,7 @@ class EmailAttachment(BaseModel):
 
     filename: OneLine = Field(min_length=1, max_length=255, pattern=r"^[^/\\]+$")
     content_type: str = Field(
-        "application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$", max_length=127
+        "application/octet-stream", pattern=r"^[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+$", max_length=127
     )
     content: str = Field(description="base64", max_length=MAX_ATTACHMENT_BYTES * 4 // 3 + 4)
 
@@ -192,7 +195,10 @@ class EmailProcessor:
         self._mailer = mailer
 
     def validate(self, body: Any) -> None:
-        parse_body(self.model, body)
+        # The whole mail as it would be sent, short of composing it: a template that
+        # does not exist, a variable it lacks or a value out of bounds is refused here.
+        job = parse_body(self.model, body)
+        check_headers(job.mail(self._mailer))
 
     async def __call__(self, message: QueueMessage) -> None:
         job = parse_job(self.model, message)

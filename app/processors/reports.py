@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,7 @@ from pydantic import (
 from app.errors import JobError, PermanentError, RetryableError, describe_invalid
 from app.jobs import Resources
 from app.mail import LOCALES, Attachment, Mail, Mailer
+from app.mail_templates import format_amount, format_day
 from app.processors import parse_body, parse_job
 from app.processors.email import EmailAddress
 from app.queue.backend import RpcCaller
@@ -56,6 +58,8 @@ from app.queue.rpc import RpcError
 
 # Rows of the summary table shown in the mail; the CSV always holds everything.
 MAX_ROWS_SHOWN = 50
+# REPORT_MAX_BYTES's default: the largest CSV a report mails.
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 TEMPLATE = "report_ready"
 MIGRATION = "supabase/migrations/20261127000200_reports.sql"
 
@@ -90,13 +94,32 @@ class ReportType(Generic[P]):
     resolve: Callable[[P, date], P] | None = None
 
 
-def build_csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
-    """RFC 4180 CSV (CRLF, minimal quoting) in UTF-8 with a BOM, header first."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, dialect="excel", lineterminator="\r\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8-sig")
+class TooLarge(ValueError):
+    """The CSV would be larger than allowed; the message says by what limit."""
+
+
+def build_csv(
+    header: Sequence[str], rows: Iterable[Sequence[str]], max_bytes: int | None = None
+) -> bytes:
+    """RFC 4180 CSV (CRLF, minimal quoting) in UTF-8 with a BOM, header first.
+
+    With `max_bytes`, raises TooLarge as soon as the file would exceed it: a report too
+    large to mail costs the memory of `max_bytes`, not of the whole file.
+    """
+    line = io.StringIO()
+    writer = csv.writer(line, dialect="excel", lineterminator="\r\n")
+    parts = [b"\xef\xbb\xbf"]  # the byte order mark
+    size = 3
+    for row in itertools.chain([header], rows):
+        writer.writerow(row)
+        part = line.getvalue().encode()
+        line.seek(0)
+        line.truncate()
+        size += len(part)
+        if max_bytes is not None and size > max_bytes:
+            raise TooLarge(f"the CSV would be larger than {max_bytes} bytes")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def exact(amount: Decimal) -> str:
@@ -105,11 +128,8 @@ def exact(amount: Decimal) -> str:
 
 
 def display_amount(amount: Decimal, locale: str) -> str:
-    """`1234.50` as `1,234.50` (en) or `1 234,50` (ru), every digit kept."""
-    text = f"{amount:,f}"
-    if locale == "ru":
-        return text.replace(",", "\u202f").replace(".", ",")
-    return text
+    """`1234.50` as `1,234.50` (en) or `1 234,50` (ru), every digit kept (Babel)."""
+    return format_amount(amount, locale)
 
 
 # -- payments_summary ------------------------------------------------------------
@@ -241,27 +261,29 @@ _TEXTS: dict[str, dict[str, Any]] = {
             "canceled": "canceled",
             "refunded": "refunded",
         },
-        "date": "%Y-%m-%d",
     },
     "ru": {
         "title": "Сводка платежей",
-        "columns": ["Валюта", "Статус", "Платежей", "Сумма"],
+        "columns": ["Валюта", "Статус", "Количество", "Сумма"],
         "status": {
+            # A row and a filter stand for several payments: plural.
             "pending": "в ожидании",
-            "succeeded": "оплачен",
-            "canceled": "отменён",
-            "refunded": "возвращён",
+            "succeeded": "оплаченные",
+            "canceled": "отменённые",
+            "refunded": "возвращённые",
         },
-        "date": "%d.%m.%Y",
     },
 }
 
 
 def period_text(start: date, end: date, locale: str) -> str:
-    """`[start, end)` as the days it covers: `2026-11-01 – 2026-11-30 (UTC)`."""
-    fmt = _TEXTS[locale]["date"]
+    """`[start, end)` as the days it covers, in the locale's one date format.
+
+    `Nov 1, 2026 – Nov 30, 2026 (UTC)`, `01.11.2026 – 30.11.2026 (UTC)`.
+    """
     last = end - timedelta(days=1)
-    days = start.strftime(fmt) if last == start else f"{start:{fmt}} – {last:{fmt}}"
+    first = format_day(start, locale)
+    days = first if last == start else f"{first} – {format_day(last, locale)}"
     return f"{days} (UTC)"
 
 
@@ -398,11 +420,17 @@ class ReportsProcessor:
     model = ReportJob
 
     def __init__(
-        self, rpc: RpcCaller, mailer: Mailer, *, max_rows_shown: int = MAX_ROWS_SHOWN
+        self,
+        rpc: RpcCaller,
+        mailer: Mailer,
+        *,
+        max_rows_shown: int = MAX_ROWS_SHOWN,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._rpc = rpc
         self._mailer = mailer
         self._max_rows_shown = max_rows_shown
+        self._max_bytes = max_bytes
 
     def validate(self, body: Any) -> None:
         _params(parse_body(self.model, body))
@@ -437,6 +465,13 @@ class ReportsProcessor:
                 f"{function} returned an unexpected result ({error}); apply the latest "
                 f"{MIGRATION} and deploy the matching worker"
             ) from None
+        try:
+            content = build_csv(report.csv_header, report.csv_rows, self._max_bytes)
+        except TooLarge as error:
+            raise PermanentError(
+                f"report too large: {error} (REPORT_MAX_BYTES={self._max_bytes}, "
+                f"{len(report.csv_rows)} rows); ask for a shorter period or a narrower filter"
+            ) from None
         shown = report.rows[: self._max_rows_shown]
         rendered = self._mailer.templates.render(
             TEMPLATE,
@@ -456,14 +491,12 @@ class ReportsProcessor:
             subject=rendered.subject,
             html=rendered.html,
             text=rendered.text,
-            attachments=[
-                Attachment(
-                    report.filename, "text/csv", build_csv(report.csv_header, report.csv_rows)
-                )
-            ],
+            attachments=[Attachment(report.filename, "text/csv", content)],
         )
 
 
 def processor(resources: Resources) -> ReportsProcessor:
     """The built-in `reports` processor (registered in app/processors/registry.py)."""
-    return ReportsProcessor(resources.rpc, resources.mailer)
+    return ReportsProcessor(
+        resources.rpc, resources.mailer, max_bytes=resources.settings.report_max_bytes
+    )

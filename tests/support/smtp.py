@@ -1,6 +1,6 @@
 """A real SMTP server for the test bed: aiosmtpd with TLS and AUTH, certificates from trustme.
 
-The service sends mail through fastapi-mail → aiosmtplib, so the tests talk to
+The service sends mail through aiosmtplib (app/mail.py), so the tests talk to
 an actual SMTP listener on a loopback socket rather than to a mock: the TLS
 handshake, certificate validation, AUTH and the SMTP reply codes are all the
 real thing. Two shapes are offered, the two ways providers are reached:
@@ -16,7 +16,8 @@ does not load it fails verification, which proves the chain is genuine.
 
 Messages are stored in arrival order, parsed with the modern email policy, with
 their envelope and the AUTH login that sent them. For reliability tests the
-server can reject chosen recipients permanently (5xx at RCPT), answer with
+server can reject chosen recipients permanently (5xx at RCPT), refuse at a chosen
+stage with a permanent reply (`refuse("data", "552 ...")`), answer with
 temporary failures (421/451) at a chosen stage, and be stopped and restarted on
 the same port to simulate an outage::
 
@@ -272,6 +273,7 @@ class SmtpServer:
         self._reject: RecipientMatcher | None = None
         self._reject_reply = DEFAULT_REJECT_REPLY
         self._temporary_failures_served = 0
+        self._permanent_failures_served = 0
         # Set while start() runs so the controller's readiness probe does not
         # consume a "connect" fault meant for the code under test.
         self._probing = False
@@ -490,6 +492,29 @@ class SmtpServer:
         with self._condition:
             self._faults[stage] = _Fault(text, times)
 
+    def refuse(self, stage: FaultStage, reply: str, *, times: int | None = None) -> None:
+        """Answers a permanent (5xx) `reply` at "mail", "rcpt" or "data" instead of proceeding.
+
+        What a server says to a message it will never take: `552 5.3.4 Message too
+        big` at MAIL FROM (SIZE) or after DATA, `550`/`553`/`554` for policy. `times`
+        and `clear_faults()` work as for `fail_temporarily`; these replies count in
+        `permanent_failures_served`, not in `temporary_failures_served`.
+        """
+        if stage == "connect":
+            raise ValueError("a refusal answers a command: mail, rcpt or data")
+        if not reply[:1] == "5":
+            raise ValueError(f"a permanent refusal needs a 5xx reply, not {reply!r}")
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1 (or None for until cleared)")
+        with self._condition:
+            self._faults[stage] = _Fault(reply, times)
+
+    @property
+    def permanent_failures_served(self) -> int:
+        """How many 5xx replies `refuse()` made the server send."""
+        with self._condition:
+            return self._permanent_failures_served
+
     def clear_faults(self) -> None:
         """Stops every injected failure: temporary ones and recipient rejections."""
         with self._condition:
@@ -515,7 +540,10 @@ class SmtpServer:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     del self._faults[stage]
-            self._temporary_failures_served += 1
+            if fault.reply.startswith("5"):
+                self._permanent_failures_served += 1
+            else:
+                self._temporary_failures_served += 1
             return fault.reply
 
     def _rejection_for(self, address: str) -> str | None:
