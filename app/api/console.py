@@ -127,9 +127,7 @@ def _done(notice: str, n: int | None = None) -> RedirectResponse:
 
 
 def _refusal(request: Request, error: OperationError) -> HTMLResponse:
-    return _page(
-        "refused.html", status=error.status, message=error.message, csrf=_csrf_of(request)
-    )
+    return _page("refused.html", status=error.status, message=error.message, csrf=_csrf_of(request))
 
 
 def _csrf_of(request: Request) -> str:

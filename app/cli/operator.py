@@ -204,10 +204,7 @@ def run_queues(args: argparse.Namespace) -> int:
         return OK
     lines = table(
         ("queue", "length", "visible", "oldest_s", "state"),
-        [
-            (r.queue, r.length, r.visible, r.oldest_age_seconds, _state(r.paused))
-            for r in rows
-        ],
+        [(r.queue, r.length, r.visible, r.oldest_age_seconds, _state(r.paused)) for r in rows],
     )
     for line in lines:
         say(line)

@@ -74,8 +74,6 @@ async def overview(services: Services, dead_queue: str | None = None) -> Overvie
         )
         dead = [DeadRow(dead_queue, m) for m in page.messages]
     else:
-        latest = await operations.latest_dead_letters(
-            services.backend, services.processors, LATEST
-        )
+        latest = await operations.latest_dead_letters(services.backend, services.processors, LATEST)
         dead = [DeadRow(queue, m) for queue, m in latest]
     return Overview(rows, dead, datetime.now().astimezone())

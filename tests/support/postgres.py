@@ -202,6 +202,4 @@ def reset(db: Database) -> None:
         conn.execute("truncate queue_worker.payments, queue_worker.payment_events")
         conn.execute("truncate queue_worker.idempotency_keys")
         # A test that paused a queue leaves it running for the next one.
-        conn.execute(
-            "update queue_worker.queues set paused_at = null where paused_at is not null"
-        )
+        conn.execute("update queue_worker.queues set paused_at = null where paused_at is not null")
