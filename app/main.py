@@ -219,6 +219,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if settings.local_mode
                 else Doorbell(plan.names, grace=settings.missed_webhook_grace_seconds),
                 tracing=tracing,
+                prefetch=settings.prefetch,
+                ack_delay=settings.ack_max_delay_ms / 1000,
+                ack_batch=settings.coalesce_max_batch,
             )
             sweeper = Sweeper(
                 runner,

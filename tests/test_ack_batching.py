@@ -1,0 +1,181 @@
+"""Deferred acks, prefetch and batched sweeps when jobs finish one by one.
+
+Against the real database through the RPC gateway stand-in, whose call counters
+show how many RPCs the jobs needed. Jobs finish staggered (each processor call waits
+its own few milliseconds, as mails through a few SMTP sessions do), which is what
+made every ack leave alone before. No timing is asserted: batches leave by size, by
+a delay far longer than the test, or at the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from pydantic import BaseModel
+
+from app.queue.coalesce import CoalescingQueue
+from app.queue.models import QueueMessage
+from app.queue.rpc import RpcQueue
+from app.worker import RetryPolicy, Runner, RunnerConfig, Sweeper
+from app.worker.runner import Offer
+from tests.support.postgres import Database
+from tests.support.rpc_gateway import RpcGateway
+from tests.test_coalesce import NEVER, QUEUE, calls, enqueue, eventually, inner
+from tests.test_e2e import queue_rows
+
+pytestmark = pytest.mark.anyio
+
+__all__ = ["inner"]  # the fixture, imported for its use here
+
+
+def config(max_concurrency: int) -> RunnerConfig:
+    return RunnerConfig(
+        visibility_timeout=30,
+        job_timeout=10,
+        max_concurrency=max_concurrency,
+        retry=RetryPolicy(max_attempts=3, base_delay=1, max_delay=2),
+    )
+
+
+class Staggered:
+    """Finishes each job after its own short wait; notes what the Settler owed then."""
+
+    model = BaseModel
+
+    def __init__(self, runner: list[Runner]) -> None:
+        self.seen: list[int] = []
+        self.unacked: list[int] = []
+        self._runner = runner
+        self._random = random.Random(15)
+
+    async def __call__(self, message: QueueMessage) -> None:
+        self.unacked.append(self._runner[0].settler.unacked(QUEUE))
+        await asyncio.sleep(self._random.uniform(0.001, 0.02))
+        self.seen.append(message.msg_id)
+
+
+async def test_staggered_jobs_share_few_ack_and_read_calls(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 200)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    holder: list[Runner] = []
+    staggered = Staggered(holder)
+    # The defaults' shape: 16 slots, 50 waiting, reads of up to 50, acks of 100.
+    runner = Runner(
+        queue, {QUEUE: staggered}, config(16), prefetch=50, ack_delay=NEVER, ack_batch=100
+    )
+    holder.append(runner)
+    sweeper = Sweeper(runner, interval=0.05, batch_size=50)
+    gateway.reset_counters()
+    runner.start()
+    sweeper.start()
+    try:
+        await eventually(lambda: queue_rows(db) == [], timeout=60, what="every ack")
+    finally:
+        await sweeper.stop()
+        await runner.drain(5)
+        await runner.close()
+        await queue.close()
+
+    assert sorted(staggered.seen) == ids  # every job ran, once
+    # 200 acks, batches of 100: two calls, however staggered the jobs finished.
+    assert calls(gateway, "ack") == 2
+    # Reads wait for half a batch of room (slots plus prefetch), not one free slot.
+    assert calls(gateway, "read") <= 200 // 25 + 6
+
+
+async def test_a_slot_is_free_when_its_job_ends_not_when_its_ack_lands(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 10)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    holder: list[Runner] = []
+    staggered = Staggered(holder)
+    runner = Runner(queue, {QUEUE: staggered}, config(4), ack_delay=NEVER, ack_batch=100)
+    holder.append(runner)
+    runner.start()
+    gateway.reset_counters()
+    try:
+        assert runner.offer(QUEUE, ids[:4]) is Offer.ACCEPTED
+        await eventually(lambda: len(staggered.seen) == 4, timeout=30, what="four jobs")
+        await eventually(lambda: runner.free(QUEUE) == 4, timeout=30, what="free slots")
+        # Every slot is free again while all four acks still wait for their batch.
+        assert runner.settler.unacked(QUEUE) == 4
+        assert calls(gateway, "ack") == 0
+        assert [row[0] for row in queue_rows(db)] == ids
+        # A message finished here but not yet acked is not run again.
+        assert all(runner.settler.owes(QUEUE, i) for i in ids[:4])
+    finally:
+        await runner.drain(5)  # lands what is owed
+        await runner.close()
+        await queue.close()
+    assert calls(gateway, "ack") == 1
+    assert [row[0] for row in queue_rows(db)] == ids[4:]
+
+
+async def test_deferred_acks_never_exceed_their_bound(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 60)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    holder: list[Runner] = []
+    staggered = Staggered(holder)
+    # Bound: max(MAX_CONCURRENCY 4, batch 10) = 10 owed acks; the acks are slow to
+    # come back, so jobs finish faster than acks land and reach the bound.
+    runner = Runner(
+        queue, {QUEUE: staggered}, config(4), prefetch=10, ack_delay=NEVER, ack_batch=10
+    )
+    holder.append(runner)
+    sweeper = Sweeper(runner, interval=0.05, batch_size=10)
+    gateway.delay_answers(0.2, "ack")
+    runner.start()
+    sweeper.start()
+    try:
+        await eventually(lambda: queue_rows(db) == [], timeout=60, what="every ack")
+    finally:
+        gateway.delay_answers(0)
+        await sweeper.stop()
+        await runner.drain(5)
+        await runner.close()
+        await queue.close()
+    assert sorted(staggered.seen) == ids
+    assert max(staggered.unacked) <= 10
+
+
+async def test_webhooks_during_a_backlog_leave_it_to_the_sweeper(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    holder: list[Runner] = []
+    staggered = Staggered(holder)
+    runner = Runner(queue, {QUEUE: staggered}, config(2), prefetch=2, ack_delay=NEVER)
+    holder.append(runner)
+    # An hour between passes: only deferrals make the sweeper read.
+    sweeper = Sweeper(runner, interval=NEVER, batch_size=10)
+    runner.start()
+    sweeper.start()
+    try:
+        await eventually(lambda: sweeper.last_sweep is not None, timeout=30, what="first sweep")
+        ids = enqueue(db, 40)
+        gateway.reset_counters()
+        offers = [runner.offer(QUEUE, [i]) for i in ids]
+        await eventually(lambda: len(staggered.seen) == 40, timeout=60, what="the backlog")
+        claims = calls(gateway, "claim")
+        # Doorbells for messages that were processed here cost no claim.
+        assert {runner.offer(QUEUE, [i]) for i in ids} == {Offer.ACCEPTED}
+        await asyncio.sleep(0.05)
+    finally:
+        await sweeper.stop()
+        await runner.drain(5)
+        await runner.close()
+        await queue.close()
+    assert sorted(staggered.seen) == ids
+    first_deferred = [o.value for o in offers].index("deferred")
+    assert first_deferred == 4  # room for 2 running and 2 waiting
+    # Once one webhook was deferred, the rest were too: the sweeper reads them.
+    assert {o.value for o in offers[first_deferred:]} == {"deferred"}
+    assert claims == 1  # the four accepted ones, in one coalesced claim
+    assert calls(gateway, "claim") == claims
