@@ -221,7 +221,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 tracing=tracing,
                 prefetch=settings.prefetch,
                 ack_delay=settings.ack_max_delay_ms / 1000,
-                ack_batch=settings.coalesce_max_batch,
+                # As large as a read, so a drained batch is acked in one call (1: off).
+                ack_batch=(
+                    1
+                    if settings.coalesce_max_batch == 1
+                    else max(settings.coalesce_max_batch, settings.sweep_batch_size)
+                ),
             )
             sweeper = Sweeper(
                 runner,

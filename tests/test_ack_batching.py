@@ -179,3 +179,47 @@ async def test_webhooks_during_a_backlog_leave_it_to_the_sweeper(
     assert {o.value for o in offers[first_deferred:]} == {"deferred"}
     assert claims == 1  # the four accepted ones, in one coalesced claim
     assert calls(gateway, "claim") == claims
+
+
+class Gated:
+    """Jobs wait until `gate` opens."""
+
+    model = BaseModel
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def __call__(self, message: QueueMessage) -> None:
+        self.started += 1
+        await self.gate.wait()
+
+
+async def test_a_drain_gives_prefetched_messages_back_at_once(
+    db: Database, gateway: RpcGateway, inner: RpcQueue
+) -> None:
+    ids = enqueue(db, 6)
+    queue = CoalescingQueue(inner, max_batch=100, flush_interval=0.002)
+    gated = Gated()
+    runner = Runner(queue, {QUEUE: gated}, config(2), prefetch=4, ack_delay=NEVER)
+    runner.start()
+    try:
+        assert runner.offer(QUEUE, ids) is Offer.ACCEPTED  # 2 run, 4 wait for a slot
+        await eventually(lambda: gated.started == 2, timeout=30, what="two running jobs")
+        await eventually(lambda: runner.in_flight(QUEUE) == 6, timeout=30, what="all claimed")
+        assert runner.running(QUEUE) == 2
+        draining = asyncio.ensure_future(runner.drain(10))
+        # The waiting four are visible again while the running two finish.
+        await eventually(
+            lambda: sum(1 for row in queue_rows(db) if not row[2]) == 4,
+            timeout=30,
+            what="the waiting messages back in the queue",
+        )
+        gated.gate.set()
+        await draining
+    finally:
+        gated.gate.set()
+        await runner.close()
+        await queue.close()
+    assert gated.started == 2
+    assert [row[0] for row in queue_rows(db)] == ids[2:]

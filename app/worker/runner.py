@@ -156,9 +156,14 @@ class Runner:
         return frozenset(self._processors)
 
     def in_flight(self, queue: str | None = None) -> int:
+        """Messages taken: running jobs, claimed ones waiting for a slot, claims under way."""
         if queue is None:
             return sum(self._busy.values())
         return self._busy[queue]
+
+    def running(self, queue: str) -> int:
+        """Jobs of `queue` running now (at most its max_concurrency)."""
+        return self._running[queue]
 
     def free(self, queue: str) -> int:
         """How many more messages `queue` may take (free slots and prefetch room)."""
