@@ -10,7 +10,8 @@ AUTH SMTP server (SMTP_MAX_CONNECTIONS=4, the default).
 Reported per run: mails/s (first enqueue to last ack, both timed in the database), RPC
 calls per job in all and by function (counted at the gateway until the sender is idle,
 so the claims of late webhooks count), p50/p99 enqueue-to-ack (the ack recorder of
-bench/testbed.py), and duplicates (mails received more than once). Next to it, the
+bench/testbed.py), duplicates (mails received more than once) and the service
+process's CPU per mail (until the sender is idle). Next to it, the
 ceiling of the SMTP side alone: the service's `Mailer` (as bench/email_send.py runs it)
 sending the same number of mails at concurrency MAX_CONCURRENCY through the same server.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import time
 from collections import Counter
@@ -33,7 +35,15 @@ from dataclasses import dataclass, field
 
 from app.mail import Address, Mail, Mailer
 from bench.email_send import settings as mail_settings
-from bench.testbed import QUEUE, Probe, install_ack_recorder, middle, percentile, wait_empty
+from bench.testbed import (
+    QUEUE,
+    Probe,
+    cpu_ticks,
+    install_ack_recorder,
+    middle,
+    percentile,
+    wait_empty,
+)
 from tests.support.pg_net import PgNetSender, running_sender
 from tests.support.postgres import Database, bootstrap, fresh_database, server_url
 from tests.support.process import service_process
@@ -53,6 +63,7 @@ class Row:
     duplicates: int = 0
     webhooks: int = 0
     load: str = ""
+    cpu_ms_per_mail: float = 0.0  # the service process's own CPU
 
     @property
     def rate(self) -> float:
@@ -118,6 +129,7 @@ def one_run(
         gateway.reset_counters()
         sent_before = sender.sent
         load = loadavg()
+        cpu_before = cpu_ticks(service.pid)
         enqueue_mails(db, mails, run)
         probe = Probe(db)
         try:
@@ -125,6 +137,7 @@ def one_run(
             sender.wait_idle(timeout=60)
             time.sleep(0.5)  # the claims of the last webhooks
             calls = {name.split(".", 1)[1]: n for name, n in gateway.calls.items()}
+            cpu = (cpu_ticks(service.pid) - cpu_before) / os.sysconf("SC_CLK_TCK")
             rows = probe.rows(
                 "select extract(epoch from enqueued_at)::float8, "
                 "extract(epoch from acked_at)::float8 from public.bench_acks"
@@ -149,6 +162,7 @@ def one_run(
         sum(n - 1 for n in subjects.values()),
         sender.sent - sent_before,
         load,
+        cpu / mails * 1000,
     )
 
 
@@ -175,13 +189,14 @@ def print_rows(title: str, rows: list[Row]) -> None:
     print(title)  # noqa: T201
     print(  # noqa: T201
         f"{'run':24} {'mails':>6} {'seconds':>8} {'mails/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'RPC/job':>8} {'dups':>5}  load   calls by function"
+        f"{'RPC/job':>8} {'dups':>5} {'CPU ms':>7}  load   calls by function"
     )
     for row in rows:
         calls = ", ".join(f"{k} {v}" for k, v in sorted(row.calls.items()))
         print(  # noqa: T201
             f"{row.name:24} {row.mails:6d} {row.seconds:8.2f} {row.rate:8.1f} "
-            f"{row.p50_ms:8.0f} {row.p99_ms:8.0f} {row.rpc_per_job:8.3f} {row.duplicates:5d}  "
+            f"{row.p50_ms:8.0f} {row.p99_ms:8.0f} {row.rpc_per_job:8.3f} {row.duplicates:5d} "
+            f"{row.cpu_ms_per_mail:7.2f}  "
             f"{row.load}  {calls}"
         )
 

@@ -349,6 +349,8 @@ class Runner:
                 self._remember(queue, message.msg_id)
             self._release(queue)
             self._next_job(queue)
+            if not self._busy[queue]:
+                self.settler.idle(queue)  # no job left to share an ack call with
             duration = time.perf_counter() - started
             recorded.finished(outcome, duration, message.enqueued_at)
             if log.isEnabledFor(logging.DEBUG):  # every job: not worth a line at info

@@ -10,7 +10,9 @@ Acks may also be deferred (`ack_delay` > 0, `ACK_MAX_DELAY_MS`): nobody waits fo
 ack, so a finished job hands its ack over and gives its slot back at once, and the
 acks of jobs that finish one by one leave together, one call per queue, when
 `ack_batch` are owed or `ack_delay` seconds after the first of them, whichever
-comes first. At most `max_unacked` finished jobs per queue may be owed (waiting or
+comes first, or as soon as the queue has nothing left running (no other ack is
+coming to share the call with: at low load an ack is not held back). At most
+`max_unacked` finished jobs per queue may be owed (waiting or
 in a call under way); a job that would owe more waits, its slot held, until a call
 has landed, so a process never has more than `max_unacked` deferred acks per queue:
 after a crash those, the jobs running at the time and any acks already failing and
@@ -129,6 +131,12 @@ class Settler:
             loop = asyncio.get_running_loop()
             self._timers[queue] = loop.call_later(self.ack_delay, self._send_acks, queue)
         return True
+
+    def idle(self, queue: str) -> None:
+        """`queue` has nothing running or waiting: no other ack is coming soon to share
+        a call with, so the waiting ones leave now rather than after `ack_delay`."""
+        if self._outgoing[queue]:
+            self._send_acks(queue)
 
     def _send_acks(self, queue: str) -> None:
         """Sends the queue's waiting acks in one call (in a task of its own)."""
