@@ -81,8 +81,9 @@ async def test_staggered_jobs_share_few_ack_and_read_calls(
         await queue.close()
 
     assert sorted(staggered.seen) == ids  # every job ran, once
-    # 200 acks, batches of 100: two calls, however staggered the jobs finished.
-    assert calls(gateway, "ack") == 2
+    # 200 acks in batches of 100 while the backlog lasts; once a read comes back short
+    # the last ones leave as they finish (a handful of coalesced calls), never one each.
+    assert calls(gateway, "ack") <= 200 // 10
     # Reads wait for half a batch of room (slots plus prefetch), not one free slot.
     assert calls(gateway, "read") <= 200 // 25 + 6
 
@@ -113,7 +114,8 @@ async def test_a_slot_is_free_when_its_job_ends_not_when_its_ack_lands(
     runner.start()
     gateway.reset_counters()
     try:
-        assert runner.offer(QUEUE, ids[:4]) is Offer.ACCEPTED
+        # A full read (4 of 10): a backlog, so acks wait for company.
+        assert await runner.sweep(QUEUE, 4) == (4, 4)
         await eventually(lambda: len(processor.seen) == 3, timeout=30, what="three jobs")
         await eventually(lambda: runner.free(QUEUE) == 3, timeout=30, what="free slots")
         # Three slots are free again while their acks still wait for a batch (the
@@ -123,7 +125,7 @@ async def test_a_slot_is_free_when_its_job_ends_not_when_its_ack_lands(
         assert [row[0] for row in queue_rows(db)] == ids
         # A message finished here but not yet acked is not run again.
         assert all(runner.settler.owes(QUEUE, i) for i in ids[:3])
-        # The last job ends: nothing is left running, so the acks leave at once.
+        # The last job ends: nothing is left to share the call with, the acks leave now.
         processor.gate.set()
         await eventually(lambda: queue_rows(db)[0][0] == ids[4], timeout=30, what="the acks")
         assert calls(gateway, "ack") == 1

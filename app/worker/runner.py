@@ -17,8 +17,9 @@ the slots of another), and holds at most `prefetch` more claimed messages waitin
 for a slot (leased like running jobs), so that claims and reads can be larger than
 the slots that happen to be free; work offered beyond that stays in the queue for
 the sweeper, so memory does not grow with a burst. Once a webhook has been
-deferred, later ones are deferred too until a sweep finds the queue short: the
-sweeper reads the backlog in batches instead of one claim per doorbell. A job's
+deferred (or a sweep came back full), later ones are deferred too until a sweep
+finds the queue short: the sweeper reads the backlog in batches instead of one
+claim per doorbell. A job's
 slot is freed when its processor returns: its ack is the Settler's
 (app/worker/settle.py), which may send it a little later with others. A queue with `rate_per_second`
 starts its jobs no faster than that (app/worker/ratelimit.py); a job waiting for
@@ -133,8 +134,9 @@ class Runner:
         self._running: defaultdict[str, int] = defaultdict(int)
         self._waiting: dict[str, deque[QueueMessage]] = {q: deque() for q in processors}
         self._finished: dict[str, dict[int, None]] = {q: {} for q in processors}
-        # Set when a webhook was deferred, cleared when a sweep comes back short: while
-        # it is set, webhooks are deferred to the sweeper, which reads them in batches.
+        # Set when a webhook was deferred or a sweep came back full, cleared when one
+        # comes back short: while it is set, webhooks are deferred to the sweeper, which
+        # reads them in batches, and acks wait to leave together.
         self._backlog: dict[str, bool] = dict.fromkeys(processors, False)
         self._freed: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
         # Set when a webhook was deferred: work is waiting in the queue, and the
@@ -230,8 +232,9 @@ class Runner:
             self._release(queue, asked)
             raise
         self._release(queue, asked - len(messages))
-        if len(messages) < asked:
-            self._backlog[queue] = False  # the queue is short: webhooks may claim again
+        # A full read: more is probably waiting. A short one: the queue is caught up,
+        # webhooks may claim again and acks need not wait for company.
+        self._backlog[queue] = len(messages) == asked
         if self.doorbell is not None:
             self.doorbell.swept(queue, messages)
         if messages and self.tracing.enabled:
@@ -378,9 +381,10 @@ class Runner:
                 span.set_error(f"the job was {outcome}")
             return outcome
 
-    async def _ack_traced(self, queue: str, msg_id: int) -> None:
+    async def _ack_traced(self, queue: str, msg_id: int, now: bool) -> None:
+        # With acks deferred, the span covers the hand-over, not the call that lands it.
         with self.tracing.span(f"ack {queue}", attributes=messaging(queue, "settle")):
-            await self.settler.ack(queue, msg_id)
+            await self.settler.ack(queue, msg_id, now=now)
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
         msg_id = message.msg_id
@@ -421,10 +425,13 @@ class Runner:
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
+        # With a backlog (or messages waiting for a slot) other jobs finish soon and
+        # their acks share a call; without one the ack leaves at once.
+        now = not (self._backlog[queue] or self._waiting[queue])
         if self.tracing.enabled:
-            await self._ack_traced(queue, msg_id)
+            await self._ack_traced(queue, msg_id, now)
         else:
-            await self.settler.ack(queue, msg_id)
+            await self.settler.ack(queue, msg_id, now=now)
         return "succeeded"
 
     async def _retry(

@@ -10,8 +10,9 @@ Acks may also be deferred (`ack_delay` > 0, `ACK_MAX_DELAY_MS`): nobody waits fo
 ack, so a finished job hands its ack over and gives its slot back at once, and the
 acks of jobs that finish one by one leave together, one call per queue, when
 `ack_batch` are owed or `ack_delay` seconds after the first of them, whichever
-comes first, or as soon as the queue has nothing left running (no other ack is
-coming to share the call with: at low load an ack is not held back). At most
+comes first. They wait only while the queue has a backlog (the runner says so):
+otherwise no other ack is coming soon to share the call with, and an ack leaves at
+once (through the claim/ack coalescing), so at low load none is held back. At most
 `max_unacked` finished jobs per queue may be owed (waiting or
 in a call under way); a job that would owe more waits, its slot held, until a call
 has landed, so a process never has more than `max_unacked` deferred acks per queue:
@@ -94,16 +95,17 @@ class Settler:
         """Tries the pending work again soon (a message it owes was seen again)."""
         self._wake.set()
 
-    async def ack(self, queue: str, msg_id: int) -> bool:
+    async def ack(self, queue: str, msg_id: int, *, now: bool = False) -> bool:
         """Deletes a processed message; False when the ack was deferred for retry.
 
         With `ack_delay`, the ack joins the queue's next batch and this returns at once
         (True; should the batch fail, its acks are kept for retry as above), unless
         `max_unacked` deferred acks of the queue are owed already: then it first waits
-        until a call under way has ended.
+        until a call under way has ended. `now`: no other job is about to finish (no
+        backlog), so the batch leaves at once, without the caller waiting for it.
         """
         if self.ack_delay > 0:
-            return await self._defer_ack(queue, msg_id)
+            return await self._defer_ack(queue, msg_id, now)
         try:
             await self._backend.ack(queue, [msg_id])
         except RpcError as error:
@@ -116,7 +118,7 @@ class Settler:
             return False
         return True
 
-    async def _defer_ack(self, queue: str, msg_id: int) -> bool:
+    async def _defer_ack(self, queue: str, msg_id: int, now: bool) -> bool:
         limit = self._max_unacked.get(queue, self._default_max_unacked)
         outgoing, sending = self._outgoing[queue], self._sending[queue]
         while len(outgoing) + len(sending) >= limit:
@@ -125,7 +127,7 @@ class Settler:
             self._settled.clear()
             await self._settled.wait()
         outgoing[msg_id] = None
-        if len(outgoing) >= min(self._ack_batch, limit):
+        if now or len(outgoing) >= min(self._ack_batch, limit):
             self._send_acks(queue)
         elif queue not in self._timers:
             loop = asyncio.get_running_loop()
