@@ -19,12 +19,12 @@ the slots that happen to be free; work offered beyond that stays in the queue fo
 the sweeper, so memory does not grow with a burst. Once a webhook has been
 deferred (or a sweep came back full), later ones are deferred too until a sweep
 finds the queue short: the sweeper reads the backlog in batches instead of one
-claim per doorbell. A job's
-slot is freed when its processor returns: its ack is the Settler's
-(app/worker/settle.py), which may send it a little later with others. A queue with `rate_per_second`
-starts its jobs no faster than that (app/worker/ratelimit.py); a job waiting for
-its turn holds its slot and its lease. Every limit is per queue (the registry's
-QueueSpec, looked up once here at start); `RunnerConfig` is the default.
+claim per doorbell. A job's slot is freed when its processor returns: its ack is
+the Settler's (app/worker/settle.py), which may send it a little later with
+others. A queue with `rate_per_second` starts its jobs no faster than that
+(app/worker/ratelimit.py); a job waiting for its turn holds its slot and its lease.
+Every limit is per queue (the registry's QueueSpec, looked up once here at start);
+`RunnerConfig` is the default.
 """
 
 from __future__ import annotations
