@@ -172,7 +172,11 @@ class Runner:
         return max(0, self._limits[queue] - self._busy[queue])
 
     def capacity(self, queue: str) -> int:
-        """The messages `queue` may hold: its max_concurrency plus the prefetch."""
+        """The slots of `queue` (its max_concurrency)."""
+        return self._configs[queue].max_concurrency
+
+    def limit(self, queue: str) -> int:
+        """The messages `queue` may hold: its slots plus the prefetch."""
         return self._limits[queue]
 
     async def wait_for_capacity(self, queue: str, slots: int = 1) -> None:

@@ -119,7 +119,7 @@ class Sweeper:
 
     async def _refill(self, queue: str, size: int) -> None:
         """Until half a batch of `size` has room, or at most an interval."""
-        refill = max(1, min(size, self._runner.capacity(queue)) // 2)
+        refill = max(1, min(size, self._runner.limit(queue)) // 2)
         # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
         # cancellation that comes as the wait ends (a slot freed), and stop()
         # then waited for a sweeper that went on reading.
