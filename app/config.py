@@ -205,6 +205,12 @@ class Settings(BaseSettings):
     # or COALESCE_FLUSH_MS after the first one; COALESCE_MAX_BATCH=1 turns it off.
     coalesce_max_batch: int = Field(100, ge=1, le=1000)
     coalesce_flush_ms: float = Field(2.0, ge=0, le=1000)
+    # A finished job's ack may wait this long to leave with others (app/worker/settle.py);
+    # its slot is free meanwhile. 0 sends each ack at once (through the batching above).
+    ack_max_delay_ms: float = Field(500.0, ge=0, le=2000)
+    # Claimed messages per queue that may wait for a free slot, so that claims and
+    # reads are not limited to the slots that happen to be free.
+    prefetch: int = Field(50, ge=0, le=10_000)
 
     # Operations
     # Bearer token of the manual API (/queues...); the API is off when unset.

@@ -219,6 +219,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if settings.local_mode
                 else Doorbell(plan.names, grace=settings.missed_webhook_grace_seconds),
                 tracing=tracing,
+                prefetch=settings.prefetch,
+                ack_delay=settings.ack_max_delay_ms / 1000,
+                # As large as a read, so a drained batch is acked in one call (1: off).
+                ack_batch=(
+                    1
+                    if settings.coalesce_max_batch == 1
+                    else max(settings.coalesce_max_batch, settings.sweep_batch_size)
+                ),
             )
             sweeper = Sweeper(
                 runner,

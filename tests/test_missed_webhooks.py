@@ -97,12 +97,12 @@ def test_delivered_webhooks_count_none_even_when_the_sweeper_comes_first(
 def test_deferred_webhooks_are_not_missed(
     db: Database, start_service: ServiceFactory, smtp: SmtpServer
 ) -> None:
-    # One slot and slow mail: most webhooks are answered "deferred" and the sweeper,
-    # woken for them, runs their messages.
+    # One slot, no prefetch and slow mail: most webhooks are answered "deferred" and
+    # the sweeper, woken for them, runs their messages.
     smtp.mail_delay = 0.05
     deferred = 'queue_worker_webhooks_total{queue="email_queue",result="deferred"}'
     with running_sender(db) as sender:
-        service = judging(start_service, max_concurrency=1, sweep_interval_seconds=0.2)
+        service = judging(start_service, max_concurrency=1, prefetch=0, sweep_interval_seconds=0.2)
         before = (
             missed(service),
             sample(

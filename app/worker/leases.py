@@ -39,6 +39,10 @@ class Leases:
     def release(self, queue: str, msg_id: int) -> None:
         self._held[queue].discard(msg_id)
 
+    def holds(self, queue: str) -> set[int]:
+        """The held ids of `queue`, not copied: for membership tests on the hot path."""
+        return self._held[queue]
+
     def held(self, queue: str) -> frozenset[int]:
         return frozenset(self._held[queue])
 
@@ -64,6 +68,12 @@ class Leases:
                 # A task of its own: cancelling the heartbeat never cuts a renewal short.
                 self._renewal = asyncio.ensure_future(self.renew())
                 await asyncio.shield(self._renewal)
+
+    async def quiet(self) -> None:
+        """Waits for the renewal under way, if any: called after releasing ids that are
+        about to be made visible, so that no renewal started earlier hides them again."""
+        if self._renewal is not None and not self._renewal.done():
+            await asyncio.gather(asyncio.shield(self._renewal), return_exceptions=True)
 
     async def stop(self) -> None:
         """Stops renewing, once the renewal under way (if any) has landed.

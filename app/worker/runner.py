@@ -13,11 +13,18 @@ heartbeat). The runner alone decides the message's fate:
 - a message whose JSON the worker cannot parse: archived at once, not run.
 
 Each queue runs at most its `max_concurrency` jobs (so a slow queue cannot take
-the slots of another); work offered beyond that stays in the queue for the
-sweeper, so memory does not grow with a burst. A queue with `rate_per_second`
-starts its jobs no faster than that (app/worker/ratelimit.py); a job waiting for
-its turn holds its slot and its lease. Every limit is per queue (the registry's
-QueueSpec, looked up once here at start); `RunnerConfig` is the default.
+the slots of another), and holds at most `prefetch` more claimed messages waiting
+for a slot (leased like running jobs), so that claims and reads can be larger than
+the slots that happen to be free; work offered beyond that stays in the queue for
+the sweeper, so memory does not grow with a burst. Once a webhook has been
+deferred (or a sweep came back full), later ones are deferred too until a sweep
+finds the queue short: the sweeper reads the backlog in batches instead of one
+claim per doorbell. A job's slot is freed when its processor returns: its ack is
+the Settler's (app/worker/settle.py), which may send it a little later with
+others. A queue with `rate_per_second` starts its jobs no faster than that
+(app/worker/ratelimit.py); a job waiting for its turn holds its slot and its lease.
+Every limit is per queue (the registry's QueueSpec, looked up once here at start);
+`RunnerConfig` is the default.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +59,10 @@ log = logging.getLogger(__name__)
 
 # How long a drain waits for cancelled jobs to end before it gives their messages back.
 CANCELLED_JOB_SECONDS = 2.0
+# Ids of messages finished here (acked or archived) remembered per queue, so that a
+# webhook arriving after the sweeper took its message costs no claim. pgmq never
+# reuses a msg_id, so a finished id stays finished.
+FINISHED_MEMORY = 8192
 
 
 class Offer(enum.Enum):
@@ -86,6 +97,9 @@ class Runner:
         *,
         doorbell: Doorbell | None = None,
         tracing: Tracing = OFF,
+        prefetch: int = 0,
+        ack_delay: float = 0.0,
+        ack_batch: int = 100,
     ) -> None:
         self._backend = backend
         # Which webhooks rang, so the sweeper's finds tell missed ones (None: no webhooks).
@@ -93,20 +107,37 @@ class Runner:
         self.tracing = tracing
         self._processors = processors
         self._configs = {q: (queues or {}).get(q, config) for q in processors}
+        # Messages a queue may hold: its slots, and claimed messages waiting for one.
+        self._limits = {q: c.max_concurrency + max(0, prefetch) for q, c in self._configs.items()}
         self.leases = Leases(
             backend,
             vt=config.visibility_timeout,
             per_queue={q: c.visibility_timeout for q, c in self._configs.items()},
         )
-        self.settler = Settler(backend)
+        self.settler = Settler(
+            backend,
+            ack_delay=ack_delay,
+            ack_batch=ack_batch,
+            # Finished but unacked jobs per queue: at most a batch, or the slots.
+            max_unacked={q: max(c.max_concurrency, ack_batch) for q, c in self._configs.items()},
+            default_max_unacked=max(config.max_concurrency, ack_batch),
+        )
         self._deadlines = {q: Deadlines(c.job_timeout) for q, c in self._configs.items()}
         self._limiters = {
             q: RateLimiter(c.rate_per_second) if c.rate_per_second else None
             for q, c in self._configs.items()
         }
         self._tasks: set[asyncio.Task[None]] = set()
-        # Slots taken per queue: running jobs plus claims/reads under way.
+        # Messages taken per queue: running jobs, claimed messages waiting for a slot,
+        # and claims/reads under way.
         self._busy: defaultdict[str, int] = defaultdict(int)
+        self._running: defaultdict[str, int] = defaultdict(int)
+        self._waiting: dict[str, deque[QueueMessage]] = {q: deque() for q in processors}
+        self._finished: dict[str, dict[int, None]] = {q: {} for q in processors}
+        # Set when a webhook was deferred or a sweep came back full, cleared when one
+        # comes back short: while it is set, webhooks are deferred to the sweeper, which
+        # reads them in batches, and acks wait to leave together.
+        self._backlog: dict[str, bool] = dict.fromkeys(processors, False)
         self._freed: dict[str, asyncio.Event] = {q: asyncio.Event() for q in processors}
         # Set when a webhook was deferred: work is waiting in the queue, and the
         # sweeper takes it as soon as slots free up instead of at its next interval.
@@ -127,20 +158,30 @@ class Runner:
         return frozenset(self._processors)
 
     def in_flight(self, queue: str | None = None) -> int:
+        """Messages taken: running jobs, claimed ones waiting for a slot, claims under way."""
         if queue is None:
             return sum(self._busy.values())
         return self._busy[queue]
 
+    def running(self, queue: str) -> int:
+        """Jobs of `queue` running now (at most its max_concurrency)."""
+        return self._running[queue]
+
     def free(self, queue: str) -> int:
-        return max(0, self._configs[queue].max_concurrency - self._busy[queue])
+        """How many more messages `queue` may take (free slots and prefetch room)."""
+        return max(0, self._limits[queue] - self._busy[queue])
 
     def capacity(self, queue: str) -> int:
         """The slots of `queue` (its max_concurrency)."""
         return self._configs[queue].max_concurrency
 
+    def limit(self, queue: str) -> int:
+        """The messages `queue` may hold: its slots plus the prefetch."""
+        return self._limits[queue]
+
     async def wait_for_capacity(self, queue: str, slots: int = 1) -> None:
-        """Returns once at least `slots` slots of `queue` are free."""
-        while self.free(queue) < min(slots, self._configs[queue].max_concurrency):
+        """Returns once `queue` may take at least `slots` more messages."""
+        while self.free(queue) < min(slots, self._limits[queue]):
             event = self._freed[queue]
             event.clear()
             await event.wait()
@@ -166,7 +207,11 @@ class Runner:
             return Offer.DRAINING
         if queue in self.paused:
             return Offer.DEFERRED  # stays queued until the queue is resumed
-        if self.free(queue) < len(msg_ids):
+        held, finished = self.leases.holds(queue), self._finished[queue]
+        if all(i in held or i in finished for i in msg_ids):
+            return Offer.ACCEPTED  # running, waiting or done here already: nothing to claim
+        if self._backlog[queue] or self.free(queue) < len(msg_ids):
+            self._backlog[queue] = True
             self.deferred[queue].set()
             return Offer.DEFERRED
         self._busy[queue] += len(msg_ids)
@@ -191,6 +236,9 @@ class Runner:
             self._release(queue, asked)
             raise
         self._release(queue, asked - len(messages))
+        # A full read: more is probably waiting. A short one: the queue is caught up,
+        # webhooks may claim again and acks need not wait for company.
+        self._backlog[queue] = len(messages) == asked
         if self.doorbell is not None:
             self.doorbell.swept(queue, messages)
         if messages and self.tracing.enabled:
@@ -255,12 +303,35 @@ class Runner:
         # The last one (a webhook's only one) runs in this task: one task less per job.
         last = claimed[-1]
         self.leases.hold(queue, last.msg_id)
+        if self._running[queue] >= self._configs[queue].max_concurrency:
+            self._waiting[queue].append(last)
+            return
+        self._running[queue] += 1
         await self._run(queue, last)
 
     def _start_job(self, queue: str, message: QueueMessage) -> None:
-        # The slot was reserved by offer() or sweep(); the job frees it.
+        # Its place was reserved by offer() or sweep(); the job frees it. Without a
+        # free slot it waits, leased, until a job of the queue ends.
         self.leases.hold(queue, message.msg_id)
+        if self._running[queue] >= self._configs[queue].max_concurrency:
+            self._waiting[queue].append(message)
+            return
+        self._running[queue] += 1
         self._spawn(self._run(queue, message), f"job:{queue}")
+
+    def _next_job(self, queue: str) -> None:
+        """A slot of `queue` is free: the oldest waiting message takes it."""
+        self._running[queue] -= 1
+        waiting = self._waiting[queue]
+        if waiting and not self.draining:
+            self._running[queue] += 1
+            self._spawn(self._run(queue, waiting.popleft()), f"job:{queue}")
+
+    def _remember(self, queue: str, msg_id: int) -> None:
+        finished = self._finished[queue]
+        finished[msg_id] = None
+        if len(finished) > FINISHED_MEMORY:
+            del finished[next(iter(finished))]
 
     # -- running a job -----------------------------------------------------
 
@@ -281,7 +352,12 @@ class Runner:
         finally:
             recorded.in_progress.dec()
             self.leases.release(queue, message.msg_id)
+            if outcome in ("succeeded", "archived", "duplicate"):
+                self._remember(queue, message.msg_id)
             self._release(queue)
+            self._next_job(queue)
+            if not self._busy[queue]:
+                self.settler.idle(queue)  # no job left to share an ack call with
             duration = time.perf_counter() - started
             recorded.finished(outcome, duration, message.enqueued_at)
             if log.isEnabledFor(logging.DEBUG):  # every job: not worth a line at info
@@ -309,9 +385,10 @@ class Runner:
                 span.set_error(f"the job was {outcome}")
             return outcome
 
-    async def _ack_traced(self, queue: str, msg_id: int) -> None:
+    async def _ack_traced(self, queue: str, msg_id: int, now: bool) -> None:
+        # With acks deferred, the span covers the hand-over, not the call that lands it.
         with self.tracing.span(f"ack {queue}", attributes=messaging(queue, "settle")):
-            await self.settler.ack(queue, msg_id)
+            await self.settler.ack(queue, msg_id, now=now)
 
     async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
         msg_id = message.msg_id
@@ -352,10 +429,13 @@ class Runner:
             return await self._retry(queue, message, timeout, context)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
             return await self._retry(queue, message, error, context)
+        # With a backlog (or messages waiting for a slot) other jobs finish soon and
+        # their acks share a call; without one the ack leaves at once.
+        now = not (self._backlog[queue] or self._waiting[queue])
         if self.tracing.enabled:
-            await self._ack_traced(queue, msg_id)
+            await self._ack_traced(queue, msg_id, now)
         else:
-            await self.settler.ack(queue, msg_id)
+            await self.settler.ack(queue, msg_id, now=now)
         return "succeeded"
 
     async def _retry(
@@ -398,6 +478,7 @@ class Runner:
         until `hurry()`), gives the unfinished ones back to the queue and settles
         what is owed."""
         self.draining = True
+        await self._give_back_waiting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         hurried = asyncio.ensure_future(self._hurry.wait())
@@ -409,6 +490,7 @@ class Runner:
                 )
         finally:
             hurried.cancel()
+        await self._give_back_waiting()  # claimed by calls that ended meanwhile
         pending = set(self._tasks)
         if pending:
             # No renewal may land after the release below and hide a message again.
@@ -427,6 +509,20 @@ class Runner:
                         await self._backend.set_vt(queue, sorted(ids), 0)
         settle = 1.0 if self._hurry.is_set() else min(max(grace, 1.0), 10.0)
         await self.settler.close(timeout=settle)
+
+    async def _give_back_waiting(self) -> None:
+        """Claimed messages still waiting for a slot go back to the queue (draining)."""
+        for queue, waiting in self._waiting.items():
+            ids = sorted(message.msg_id for message in waiting)
+            waiting.clear()
+            if not ids:
+                continue
+            for msg_id in ids:
+                self.leases.release(queue, msg_id)
+            self._release(queue, len(ids))
+            await self.leases.quiet()
+            with contextlib.suppress(RpcError):  # else when the lease runs out
+                await self._backend.set_vt(queue, ids, 0)
 
     async def close(self) -> None:
         if self.doorbell is not None:

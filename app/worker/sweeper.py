@@ -11,8 +11,9 @@ Each read is one transaction, so reads are as large as the backlog and the free
 slots allow: the batch size doubles while full batches come back and halves when
 one comes back short, between `MIN_BATCH` and `batch_size`. While a backlog lasts,
 reads follow each other at once, `READERS` at a time (the jobs of one batch run
-while the next is read); with every slot taken the sweeper waits until half a batch
-of slots is free, not one, so a busy queue is not read one message at a time.
+while the next is read); with every slot taken, or woken by a deferred webhook, the
+sweeper waits until half a batch has room, not one slot, so a busy queue is not
+read one message at a time.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class Sweeper:
             if reader:
                 await backlog.wait()  # the other readers help only while a backlog lasts
             else:
+                if deferred.is_set():
+                    # Woken by a deferred webhook: read once half a batch has room, not
+                    # one message per slot that frees.
+                    await self._refill(queue, self.batch_size[queue])
                 deferred.clear()  # this read takes what was deferred so far
             try:
                 asked, got = await self._runner.sweep(queue, self.batch_size[queue])
@@ -103,13 +108,7 @@ class Sweeper:
                 # A full batch (more is probably waiting) or no free slot: continue
                 # once half a batch of slots is free, but at least every interval so
                 # that readiness sees the sweeper alive while long jobs hold every slot.
-                refill = max(1, min(size, self._runner.capacity(queue)) // 2)
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
-                # cancellation that comes as the wait ends (a slot freed), and stop()
-                # then waited for a sweeper that went on reading.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.interval):
-                        await self._runner.wait_for_capacity(queue, refill)
+                await self._refill(queue, size)
                 continue
             if reader:
                 continue
@@ -117,6 +116,16 @@ class Sweeper:
             if not deferred.is_set():
                 await _first(wake, deferred, timeout=self.interval)
             wake.clear()
+
+    async def _refill(self, queue: str, size: int) -> None:
+        """Until half a batch of `size` has room, or at most an interval."""
+        refill = max(1, min(size, self._runner.limit(queue)) // 2)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+        # cancellation that comes as the wait ends (a slot freed), and stop()
+        # then waited for a sweeper that went on reading.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.interval):
+                await self._runner.wait_for_capacity(queue, refill)
 
     async def stop(self) -> None:
         """Stops every reader. A read under way is not lost: the queue layer makes what

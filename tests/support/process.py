@@ -32,6 +32,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             text = value.get_secret_value()
         elif isinstance(value, bool):
             text = "true" if value else "false"
+        elif isinstance(value, list | tuple):
+            text = ",".join(map(str, value))  # how QUEUES is written in an environment
         else:
             text = str(value)
         env[name.upper()] = text
