@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import Service, ServiceFactory
 from tests.support.cli import ROOT
 from tests.support.pg_net import PgNetSender
-from tests.support.postgres import Database
+from tests.support.postgres import OWNER_ROLE, Database
 from tests.support.smtp import SmtpServer
 from tests.support.tools import require_tool
 from tests.support.waiting import wait_until
@@ -66,8 +66,15 @@ def chromium() -> Iterator[Any]:
 
 
 def dead_letter(db: Database, job: dict[str, Any], reason: str) -> int:
-    """A job archived with its error, as the runner leaves one after its last attempt."""
-    msg_id = enqueue(db, job)
+    """A job archived with its error, as the runner leaves one after its last attempt.
+
+    Sent invisible (a delay): its webhook rings the service, whose claim must find
+    nothing, or the job would run (and mail) before it is archived.
+    """
+    with db.connect(role=OWNER_ROLE) as conn:
+        [(msg_id,)] = conn.execute(
+            "select * from pgmq.send(%s, %s::jsonb, 3600)", [QUEUE, json.dumps(job)]
+        ).fetchall()
     record = {"type": "PermanentError", "message": reason, "attempt": 5}
     with db.connect(role="service_role") as conn:
         conn.execute(
