@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict
 from app.errors import PermanentError, RetryableError
 from app.queue.backend import QueueBackend, RpcCaller
 from app.queue.models import QueueMessage
-from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
-from app.queue.sql import SqlQueue
+from app.queue.rpc import RpcError
 from app.worker import Offer, RetryPolicy, Runner, RunnerConfig
 from tests.conftest import ServiceFactory
+from tests.support.backends import open_backend
 from tests.support.pg_net import PgNetSender
 from tests.support.postgres import OWNER_ROLE, Database
 from tests.support.rpc_gateway import RpcGateway
@@ -50,22 +50,8 @@ class Backend:
 async def backend(
     request: pytest.FixtureRequest, db: Database, gateway: RpcGateway
 ) -> AsyncIterator[Backend]:
-    if request.param == "rpc":
-        key = gateway.service_role_key
-        client = SupabaseRpc.create_client(
-            gateway.url, {"apikey": key, "Authorization": f"Bearer {key}"}, timeout=10
-        )
-        async with client:
-            rpc = SupabaseRpc(client, schema="queue_worker")
-            yield Backend(RpcQueue(rpc), rpc, "rpc")
-        return
-    pool = SqlQueue.create_pool(db.url_as(OWNER_ROLE), max_size=4, timeout=10)
-    await pool.open(wait=True)
-    try:
-        queue = SqlQueue(pool, schema="queue_worker", timeout=10)
-        yield Backend(queue, queue, "sql")
-    finally:
-        await pool.close()
+    async with open_backend(request.param, db, gateway, pool_size=4) as (queue, rpc):
+        yield Backend(queue, rpc, request.param)
 
 
 def rows(db: Database, table: str) -> list[tuple[Any, ...]]:

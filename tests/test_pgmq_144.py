@@ -20,8 +20,7 @@ import psycopg
 import pytest
 
 from app.queue.backend import QueueBackend
-from app.queue.rpc import RpcQueue, SupabaseRpc
-from app.queue.sql import SqlQueue
+from tests.support.backends import open_backend
 from tests.support.postgres import OWNER_ROLE, Database, bootstrap, fresh_database
 from tests.support.rpc_gateway import RpcGateway, running_gateway
 
@@ -127,20 +126,8 @@ async def legacy(
     with legacy_db.connect() as conn:
         conn.execute(f"truncate pgmq.q_{QUEUE}, pgmq.a_{QUEUE}")
         conn.execute("delete from queue_worker.dead_letters")
-    if request.param == "rpc":
-        key = legacy_gateway.service_role_key
-        client = SupabaseRpc.create_client(
-            legacy_gateway.url, {"apikey": key, "Authorization": f"Bearer {key}"}, timeout=10
-        )
-        async with client:
-            yield RpcQueue(SupabaseRpc(client, schema="queue_worker"))
-        return
-    pool = SqlQueue.create_pool(legacy_db.url_as(OWNER_ROLE), max_size=2, timeout=10)
-    await pool.open(wait=True)
-    try:
-        yield SqlQueue(pool, schema="queue_worker", timeout=10)
-    finally:
-        await pool.close()
+    async with open_backend(request.param, legacy_db, legacy_gateway) as (queue, _):
+        yield queue
 
 
 def columns(db: Database, table: str) -> list[str]:

@@ -42,10 +42,10 @@ from app.otel import OtelTracing
 from app.processors.forward import ForwardOptions, ForwardProcessor
 from app.queue.backend import QueueBackend
 from app.queue.models import QueueMessage
-from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
-from app.queue.sql import SqlQueue
+from app.queue.rpc import RpcError
 from app.tracing import OFF, open_tracing, wanted
 from tests.conftest import Service, ServiceFactory
+from tests.support.backends import open_backend
 from tests.support.pg_net import PgNetSender
 from tests.support.postgres import OWNER_ROLE, Database, bootstrap, fresh_database
 from tests.support.rpc_gateway import RpcGateway, running_gateway
@@ -494,20 +494,8 @@ def headerless_gateway(headerless_db: Database) -> Iterator[RpcGateway]:
 async def headerless(
     request: pytest.FixtureRequest, headerless_db: Database, headerless_gateway: RpcGateway
 ) -> AsyncIterator[QueueBackend]:
-    if request.param == "rpc":
-        key = headerless_gateway.service_role_key
-        client = SupabaseRpc.create_client(
-            headerless_gateway.url, {"apikey": key, "Authorization": f"Bearer {key}"}, timeout=10
-        )
-        async with client:
-            yield RpcQueue(SupabaseRpc(client, schema="queue_worker"))
-        return
-    pool = SqlQueue.create_pool(headerless_db.url_as(OWNER_ROLE), max_size=2, timeout=10)
-    await pool.open(wait=True)
-    try:
-        yield SqlQueue(pool, schema="queue_worker", timeout=10)
-    finally:
-        await pool.close()
+    async with open_backend(request.param, headerless_db, headerless_gateway) as (queue, _):
+        yield queue
 
 
 @pytest.mark.anyio
