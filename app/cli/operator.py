@@ -33,7 +33,7 @@ from app.cli.common import (
     table,
 )
 from app.operations import DEFAULT_PAGE, MAX_DELAY_SECONDS, MAX_PAGE
-from app.queue.backend import DeadAction
+from app.queue.backend import ArchivedMessage, DeadAction
 from app.queue.models import MAX_MSG_ID
 
 if TYPE_CHECKING:
@@ -269,11 +269,8 @@ def run_enqueue(args: argparse.Namespace) -> int:
     return OK
 
 
-def _one_line(error: dict[str, Any] | None) -> str:
-    if not error:
-        return "(no error recorded)"
-    text = f"{error.get('type', 'error')}: {error.get('message', '')}"
-    text = " ".join(str(text).split())
+def _one_line(message: ArchivedMessage) -> str:
+    text = " ".join(message.reason.split())
     return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 1] + "…"
 
 
@@ -295,7 +292,7 @@ def run_dead(args: argparse.Namespace) -> int:
             m.msg_id,
             m.read_ct,
             m.archived_at.isoformat(timespec="seconds"),
-            _one_line(m.error),
+            _one_line(m),
         )
         for m in page.messages
     ]

@@ -33,10 +33,7 @@ class DeadRow:
 
     @property
     def reason(self) -> str:
-        error = self.message.error
-        if not error:
-            return "(no error recorded)"
-        return f"{error.get('type', 'error')}: {error.get('message', '')}"
+        return self.message.reason
 
 
 @dataclass(frozen=True)

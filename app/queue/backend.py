@@ -41,6 +41,13 @@ class ArchivedMessage(BaseModel):
     error: dict[str, Any] | None = None
     unreadable: str | None = None
 
+    @property
+    def reason(self) -> str:
+        """The recorded error as `Type: message`, as the console and the CLI show it."""
+        if not self.error:
+            return "(no error recorded)"
+        return f"{self.error.get('type', 'error')}: {self.error.get('message', '')}"
+
 
 @dataclass(frozen=True)
 class DeadFilter:
