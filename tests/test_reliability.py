@@ -267,6 +267,10 @@ def test_replicas_process_every_message_once(
     db: Database, service_settings: Any, smtp: SmtpServer, figures: Figures
 ) -> None:
     settings = service_settings.model_copy(update={**FAST, "max_concurrency": 4})
+    # Each mail takes a moment, so the 150 outlast several of the other replicas' sweeps
+    # (0.3 s apart): on a quiet machine the first replica, holding its slots and the
+    # prefetch, could otherwise finish them all between two of their sweeps.
+    smtp.mail_delay = 0.03
     with contextlib.ExitStack() as stack, running_sender(db):
         # Three processes on one database: one gets the webhooks, all three sweep.
         replicas = [stack.enter_context(service_process(settings)) for _ in range(3)]
