@@ -3,7 +3,7 @@
 1. raw pgmq: `pgmq.read(queue, 30, 100)` and `pgmq.delete(queue, ids[])` in a loop,
    with psycopg on one connection in this process: what the database allows;
 2. the service (a `queue-worker` process with a no-op processor, against the RPC
-   gateway): its sweeper reads in batches that grow with the backlog, runs the jobs
+   gateway, or with `--sql` over direct SQL): its sweeper reads in batches that grow with the backlog, runs the jobs
    and acks them in batches.
 
 Each run starts from N messages inserted in one transaction; the service is started
@@ -11,7 +11,7 @@ Each run starts from N messages inserted in one transaction; the service is star
 time counted is the drain, from commit to an empty queue.
 
     uv run python -m bench.pull_path [--messages 50000] [--max-concurrency 1000]
-        [--batch 500] [--raw-batch 100] [--repeat 3] [--profile FILE]
+        [--batch 500] [--raw-batch 100] [--repeat 3] [--sql] [--profile FILE]
 
 Uses TEST_DATABASE_URL when set, else an embedded PostgreSQL.
 """
@@ -38,7 +38,7 @@ from bench.testbed import (
     settle_commits,
     wait_empty,
 )
-from tests.support.postgres import Database, bootstrap, fresh_database, server_url
+from tests.support.postgres import OWNER_ROLE, Database, bootstrap, fresh_database, server_url
 from tests.support.rpc_gateway import RpcGateway, running_gateway
 
 
@@ -172,6 +172,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="SWEEP_BATCH_SIZE")
     parser.add_argument("--raw-batch", type=int, default=100)
     parser.add_argument(
+        "--sql",
+        action="store_true",
+        help="the service over direct SQL (DATABASE_URL) instead of the RPC gateway stand-in",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -192,7 +197,8 @@ def main() -> None:
         with running_gateway(db) as gateway:
             for _ in range(args.repeat):
                 raws.append(raw_pgmq(db, args.messages, args.raw_batch))
-                swept.append(service(db, gateway, args))
+                overrides = {"database_url": db.url_as(OWNER_ROLE)} if args.sql else {}
+                swept.append(service(db, gateway, args, **overrides))
 
     print(  # noqa: T201
         f"drain of {args.messages} messages; service MAX_CONCURRENCY={args.max_concurrency}, "

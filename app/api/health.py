@@ -137,5 +137,6 @@ async def prometheus_metrics(
 ) -> Response:
     """Prometheus exposition, text 0.0.4 by default or what the scraper's Accept asks."""
     await services.queue_stats.refresh()
+    services.runner.flush_metrics()
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(_registry()), media_type=content_type)

@@ -10,10 +10,11 @@ otherwise row by row, each jsonb column on its own: a row whose columns parse
 becomes its `QueueMessage`; in a row with a column that does not, that column is
 left empty and `unreadable` names it and the problem. The runner archives such a
 message at once, with that reason as its error, and runs the rest of the batch.
-Both backends end here: the RPC client with the reply's bytes (`parse_reply`), the
-SQL backend with each row's jsonb columns as text (`message_from_columns`), so both
-read exactly the same rows. The archive listing is read the same way, so that the
-dead letter of such a message can be listed (without its body).
+Both backends end here with the same bytes: the RPC client with PostgREST's reply,
+the SQL backend with the `json_agg` of the same rows (`parse_reply`), so both read
+exactly the same rows. The archive listing is read the same way (the SQL backend
+passes each row's jsonb columns as text, `archived_from_columns`), so that the dead
+letter of such a message can be listed (without its body).
 
 What pydantic-core, the parser here, refuses although PostgreSQL's jsonb keeps it:
 
@@ -92,11 +93,6 @@ def parse_reply(raw: bytes | str) -> list[QueueMessage]:
 def parse_archived(raw: bytes | str) -> list[ArchivedMessage]:
     """An `archived` reply: a dead message whose body cannot be read is listed without it."""
     return _parse(raw, _ARCHIVED)
-
-
-def message_from_columns(row: Mapping[str, Any]) -> QueueMessage:
-    """A `queue_worker.message` row whose jsonb columns are still JSON text (SQL backend)."""
-    return _from_columns(row, _MESSAGE)
 
 
 def archived_from_columns(row: Mapping[str, Any]) -> ArchivedMessage:

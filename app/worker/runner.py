@@ -63,6 +63,9 @@ CANCELLED_JOB_SECONDS = 2.0
 # webhook arriving after the sweeper took its message costs no claim. pgmq never
 # reuses a msg_id, so a finished id stays finished.
 FINISHED_MEMORY = 8192
+# How often job metrics counted in the runner reach prometheus_client (and, with
+# PROMETHEUS_MULTIPROC_DIR, its files) besides before every scrape of /metrics.
+METRICS_FLUSH_SECONDS = 1.0
 
 
 class Offer(enum.Enum):
@@ -152,6 +155,7 @@ class Runner:
         # a paused queue too, so a stale set here never runs a job.
         self.paused: set[str] = set()
         self._hurry = asyncio.Event()  # set by hurry(): the drain stops waiting for jobs
+        self._job_names = {q: f"job:{q}" for q in processors}
 
     @property
     def queues(self) -> frozenset[str]:
@@ -191,9 +195,20 @@ class Runner:
         self._background = [
             asyncio.create_task(self.leases.run(), name="leases"),
             asyncio.create_task(self.settler.run(), name="settler"),
+            asyncio.create_task(self._flush_metrics_every_second(), name="job metrics"),
         ]
         if self.doorbell is not None:
             self.doorbell.open()
+
+    def flush_metrics(self) -> None:
+        """Hands the job metrics counted since the last flush to prometheus_client."""
+        for recorded in self._metrics.values():
+            recorded.flush()
+
+    async def _flush_metrics_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_SECONDS)
+            self.flush_metrics()
 
     # -- taking work -------------------------------------------------------
 
@@ -261,7 +276,7 @@ class Runner:
         return asked, len(messages)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -307,7 +322,7 @@ class Runner:
             self._waiting[queue].append(last)
             return
         self._running[queue] += 1
-        await self._run(queue, last)
+        await self._work(queue, last)
 
     def _start_job(self, queue: str, message: QueueMessage) -> None:
         # Its place was reserved by offer() or sweep(); the job frees it. Without a
@@ -317,15 +332,22 @@ class Runner:
             self._waiting[queue].append(message)
             return
         self._running[queue] += 1
-        self._spawn(self._run(queue, message), f"job:{queue}")
+        self._spawn(self._work(queue, message), self._job_names[queue])
 
-    def _next_job(self, queue: str) -> None:
-        """A slot of `queue` is free: the oldest waiting message takes it."""
-        self._running[queue] -= 1
+    async def _work(self, queue: str, message: QueueMessage) -> None:
+        """A job's task: runs `message` in the slot taken for it, then, while messages
+        wait for a slot of the queue, the oldest of them in the same slot (one task
+        for many jobs instead of a task each)."""
         waiting = self._waiting[queue]
-        if waiting and not self.draining:
-            self._running[queue] += 1
-            self._spawn(self._run(queue, waiting.popleft()), f"job:{queue}")
+        try:
+            while True:
+                await self._run(queue, message)
+                # The slot is still this task's: no other job can have taken it.
+                if not waiting or self.draining:
+                    return
+                message = waiting.popleft()
+        finally:
+            self._running[queue] -= 1
 
     def _remember(self, queue: str, msg_id: int) -> None:
         finished = self._finished[queue]
@@ -337,38 +359,38 @@ class Runner:
 
     async def _run(self, queue: str, message: QueueMessage) -> None:
         started = time.perf_counter()
-        context = {"queue": queue, "msg_id": message.msg_id, "attempt": message.read_ct}
         # Overwritten on every normal path; "error" would mean a bug in the runner
         # itself, and "cancelled" a job stopped at shutdown.
         outcome = "error"
-        recorded = self._metrics[queue]
-        recorded.in_progress.inc()
-        decide = self._decide_traced if self.tracing.enabled else self._decide
         try:
-            outcome = await decide(queue, message, context)
+            if self.tracing.enabled:
+                outcome = await self._decide_traced(queue, message)
+            else:
+                outcome = await self._decide(queue, message)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            recorded.in_progress.dec()
-            self.leases.release(queue, message.msg_id)
-            if outcome in ("succeeded", "archived", "duplicate"):
-                self._remember(queue, message.msg_id)
+            msg_id = message.msg_id
+            self.leases.release(queue, msg_id)
+            if outcome == "succeeded" or outcome == "archived" or outcome == "duplicate":
+                self._remember(queue, msg_id)
             self._release(queue)
-            self._next_job(queue)
             if not self._busy[queue]:
                 self.settler.idle(queue)  # no job left to share an ack call with
             duration = time.perf_counter() - started
-            recorded.finished(outcome, duration, message.enqueued_at)
+            self._metrics[queue].finished(outcome, duration, message.enqueued_at)
             if log.isEnabledFor(logging.DEBUG):  # every job: not worth a line at info
                 log.debug(
                     "job finished",
-                    extra={**context, "outcome": outcome, "duration_ms": round(duration * 1000, 1)},
+                    extra={
+                        **_context(queue, message),
+                        "outcome": outcome,
+                        "duration_ms": round(duration * 1000, 1),
+                    },
                 )
 
-    async def _decide_traced(
-        self, queue: str, message: QueueMessage, context: dict[str, Any]
-    ) -> str:
+    async def _decide_traced(self, queue: str, message: QueueMessage) -> str:
         """`_decide` in a span: the child of the enqueue that put the job's trace context
         in its headers (linked to the webhook or read that claimed it), else of those."""
         attributes: dict[str, AttributeValue] = {
@@ -379,7 +401,7 @@ class Runner:
         with self.tracing.span(
             f"process {queue}", kind="consumer", attributes=attributes, parent=message.headers
         ) as span:
-            outcome = await self._decide(queue, message, context)
+            outcome = await self._decide(queue, message)
             span.set_attribute("queue_worker.outcome", outcome)
             if outcome in ("retried", "archived"):
                 span.set_error(f"the job was {outcome}")
@@ -390,7 +412,7 @@ class Runner:
         with self.tracing.span(f"ack {queue}", attributes=messaging(queue, "settle")):
             await self.settler.ack(queue, msg_id, now=now)
 
-    async def _decide(self, queue: str, message: QueueMessage, context: dict[str, Any]) -> str:
+    async def _decide(self, queue: str, message: QueueMessage) -> str:
         msg_id = message.msg_id
         if self.settler.owes(queue, msg_id):
             # Finished here before; only its ack or archive is outstanding.
@@ -400,7 +422,8 @@ class Runner:
             # Its JSON cannot be parsed (app/queue/rows.py): it never will be.
             error = _error_record("UnreadableMessage", message.unreadable, message.read_ct)
             log.warning(
-                "unreadable message; archiving", extra={**context, "error": error["message"]}
+                "unreadable message; archiving",
+                extra={**_context(queue, message), "error": error["message"]},
             )
             await self.settler.archive(queue, msg_id, error)
             return "archived"
@@ -423,12 +446,12 @@ class Runner:
             async with self._deadlines[queue]():
                 await self._processors[queue](message)
         except PermanentError as error:
-            return await self._archive(queue, message, error, context)
+            return await self._archive(queue, message, error)
         except TimeoutError:
             timeout = RetryableError(f"job timed out after {config.job_timeout:g}s")
-            return await self._retry(queue, message, timeout, context)
+            return await self._retry(queue, message, timeout)
         except Exception as error:  # noqa: BLE001 - any failure is retried, never lost
-            return await self._retry(queue, message, error, context)
+            return await self._retry(queue, message, error)
         # With a backlog (or messages waiting for a slot) other jobs finish soon and
         # their acks share a call; without one the ack leaves at once.
         now = not (self._backlog[queue] or self._waiting[queue])
@@ -438,12 +461,11 @@ class Runner:
             await self.settler.ack(queue, msg_id, now=now)
         return "succeeded"
 
-    async def _retry(
-        self, queue: str, message: QueueMessage, error: Exception, context: dict[str, Any]
-    ) -> str:
+    async def _retry(self, queue: str, message: QueueMessage, error: Exception) -> str:
+        context = _context(queue, message)
         retry = self._configs[queue].retry
         if retry.exhausted(message.read_ct):
-            return await self._archive(queue, message, error, context)
+            return await self._archive(queue, message, error)
         delay = retry.delay(
             message.read_ct, error.after if isinstance(error, RetryableError) else None
         )
@@ -459,10 +481,11 @@ class Runner:
             log.warning("retry delay not set", extra={**context, "error": str(rpc_error)})
         return "retried"
 
-    async def _archive(
-        self, queue: str, message: QueueMessage, error: Exception, context: dict[str, Any]
-    ) -> str:
-        log.warning("job failed; archiving", extra={**context, "error": _describe(error)})
+    async def _archive(self, queue: str, message: QueueMessage, error: Exception) -> str:
+        log.warning(
+            "job failed; archiving",
+            extra={**_context(queue, message), "error": _describe(error)},
+        )
         record = _error_record(type(error).__name__, _describe(error), message.read_ct)
         await self.settler.archive(queue, message.msg_id, record)
         return "archived"
@@ -530,32 +553,61 @@ class Runner:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        self.flush_metrics()
 
 
 class _JobMetrics:
-    """The job metrics of one queue, with their label lookups done once."""
+    """The job metrics of one queue, counted here and handed to prometheus_client by
+    `flush()` (the runner's, before every scrape of /metrics and every
+    `METRICS_FLUSH_SECONDS`).
+
+    prometheus_client takes a lock for every value it updates, and a job updated
+    seven (a gauge up and down, a counter, two histograms, a gauge): a fifth of the
+    service's CPU per no-op job on the pull path (bench/README.md). Here a job adds
+    to plain numbers on the event loop's one thread, and a flush adds them up.
+    """
 
     def __init__(self, queue: str, runner: Runner) -> None:
         self._queue = queue
-        self._rates = runner.rates
-        self.in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
-        self._duration = metrics.JOB_DURATION.labels(queue)
-        self._latency = metrics.JOB_LATENCY.labels(queue)
-        self._last_success = metrics.LAST_SUCCESS.labels(queue)
+        self._runner = runner
+        self._in_progress = metrics.JOBS_IN_PROGRESS.labels(queue)
+        self._duration = metrics.BatchedHistogram(metrics.JOB_DURATION.labels(queue))
+        self._latency = metrics.BatchedHistogram(metrics.JOB_LATENCY.labels(queue))
+        self._last_success_gauge = metrics.LAST_SUCCESS.labels(queue)
+        self._last_success: float | None = None
+        self._counted: dict[str, int] = {}
         self._outcomes: dict[str, Any] = {}
 
     def finished(self, outcome: str, duration: float, enqueued_at: datetime) -> None:
-        counter = self._outcomes.get(outcome)
-        if counter is None:
-            counter = self._outcomes[outcome] = metrics.JOBS.labels(self._queue, outcome)
-        counter.inc()
-        self._rates.record(self._queue, outcome)
+        counted = self._counted
+        counted[outcome] = counted.get(outcome, 0) + 1
+        self._runner.rates.record(self._queue, outcome)
         self._duration.observe(duration)
-        if outcome in ("succeeded", "archived"):
-            finished = datetime.now(UTC)
-            self._latency.observe((finished - enqueued_at).total_seconds())
+        if outcome == "succeeded" or outcome == "archived":
+            finished = time.time()
+            self._latency.observe(finished - enqueued_at.timestamp())
             if outcome == "succeeded":
-                self._last_success.set(finished.timestamp())
+                self._last_success = finished
+
+    def flush(self) -> None:
+        for outcome, count in self._counted.items():
+            if count:
+                counter = self._outcomes.get(outcome)
+                if counter is None:
+                    counter = self._outcomes[outcome] = metrics.JOBS.labels(self._queue, outcome)
+                counter.inc(count)
+        self._counted.clear()
+        self._duration.flush()
+        self._latency.flush()
+        if self._last_success is not None:
+            self._last_success_gauge.set(self._last_success)
+            self._last_success = None
+        self._in_progress.set(self._runner.running(self._queue))
+
+
+def _context(queue: str, message: QueueMessage) -> dict[str, Any]:
+    """What a job's log lines say about it (made only for a line that is written)."""
+    return {"queue": queue, "msg_id": message.msg_id, "attempt": message.read_ct}
 
 
 def _describe(error: Exception) -> str:
