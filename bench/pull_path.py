@@ -3,8 +3,8 @@
 1. raw pgmq: `pgmq.read(queue, 30, 100)` and `pgmq.delete(queue, ids[])` in a loop,
    with psycopg on one connection in this process: what the database allows;
 2. the service (a `queue-worker` process with a no-op processor, against the RPC
-   gateway, or with `--sql` over direct SQL): its sweeper reads in batches that grow with the backlog, runs the jobs
-   and acks them in batches.
+   gateway, or with `--sql` over direct SQL): its sweeper reads in batches that grow
+   with the backlog, runs the jobs and acks them in batches.
 
 Each run starts from N messages inserted in one transaction; the service is started
 (and its first sweep over the empty queue done) before they are inserted, so the

@@ -52,7 +52,7 @@ def exposition(feed: str) -> str:
 def test_a_batched_histogram_shows_what_observing_each_value_shows() -> None:
     batched = exposition("batched")
     assert batched == exposition("observe")
-    assert f"h_seconds_count{{queue=\"q\"}} {float(len(VALUES))}" in batched
+    assert f'h_seconds_count{{queue="q"}} {float(len(VALUES))}' in batched
 
 
 def test_a_scrape_right_after_the_jobs_counts_every_one(
