@@ -146,8 +146,10 @@ class Settings(BaseSettings):
     # Serve /docs and /openapi.json; off by default.
     enable_docs: bool = False
 
-    # SMTP (app/mail.py). SMTP_HOST and MAIL_FROM are required unless in local
-    # mode, where no SMTP_HOST means mail goes to the outbox; "" means not set.
+    # SMTP (app/mail.py). SMTP_HOST and MAIL_FROM are required when a served queue
+    # sends mail (the queue plan decides: app/processors/registry.py require_mail),
+    # except in local mode, where no SMTP_HOST means mail goes to the outbox; "" means
+    # not set.
     smtp_host: str = ""
     smtp_port: Port = 587
     smtp_user: str | None = None
@@ -393,17 +395,28 @@ class Settings(BaseSettings):
         return self
 
     def _missing(self) -> list[str]:
-        """The variables this mode needs that are not set, in the order of the README."""
+        """The variables this mode needs that are not set, in the order of the README.
+
+        Not the mail settings: whether they are needed depends on the served queues
+        (`missing_mail`, checked with the queue plan).
+        """
         needed: dict[str, object] = {}
         if not self.local_mode:
             if self.database_url is None:
                 needed["SUPABASE_URL"] = self.supabase_url
                 needed["SUPABASE_SERVICE_ROLE_KEY"] = self.supabase_service_role_key
             needed["WEBHOOK_SECRET"] = self.webhook_secret
+        return [name for name, value in needed.items() if value is None or value == ""]
+
+    def missing_mail(self) -> list[str]:
+        """The mail variables not set that sending mail needs here: SMTP_HOST (unless
+        local mode, which has the outbox) and MAIL_FROM (unless the outbox)."""
+        needed: dict[str, str] = {}
+        if not self.local_mode:
             needed["SMTP_HOST"] = self.smtp_host
         if not self.mail_outbox:
             needed["MAIL_FROM"] = self.mail_from
-        return [name for name, value in needed.items() if value is None or value == ""]
+        return [name for name, value in needed.items() if not value]
 
     @property
     def local_mode(self) -> bool:

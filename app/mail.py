@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 
@@ -43,6 +44,7 @@ __all__ = [
     "Address",
     "Attachment",
     "Mail",
+    "MailNotConfigured",
     "Mailer",
     "Rendered",
     "Templates",
@@ -304,3 +306,51 @@ class Mailer:
 
 # Closing tasks of expired sessions, referenced until done.
 _CLOSING: set[asyncio.Task[None]] = set()
+
+
+class MailNotConfigured(Mailer):
+    """The mailer of a service that has no mail settings because none of its queues
+    declared that it sends mail (app/processors/registry.py `require_mail`).
+
+    Its templates and default locale work (a factory may read them at start), but
+    sending a mail (or composing or checking one) raises PermanentError naming the
+    variables to set: the job is archived with that reason, where the operator sees
+    it and can replay it once mail is configured, instead of retrying in vain.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        missing: Sequence[str],
+        templates: Templates | None = None,
+        *,
+        queue: str | None = None,
+    ) -> None:
+        super().__init__(settings, templates)
+        self.missing = tuple(missing)
+        self.queue = queue
+
+    def for_queue(self, queue: str) -> MailNotConfigured:
+        """The same refusal, naming the queue whose processor tried to send."""
+        return MailNotConfigured(self._settings, self.missing, self.templates, queue=queue)
+
+    def refusal(self) -> PermanentError:
+        names = " and ".join(self.missing)
+        table = f"[queues.{self.queue}]" if self.queue else "the queue's table"
+        return PermanentError(
+            f"mail is not configured ({names} {'is' if len(self.missing) == 1 else 'are'} "
+            f"not set): set {names} and add mail = true to {table} in queues.toml, so that "
+            "start-up requires them, then replay this job"
+        )
+
+    async def compose(self, mail: Mail) -> EmailMessage:
+        raise self.refusal()
+
+    async def send(self, mail: Mail) -> None:
+        raise self.refusal()
+
+    async def check(self) -> None:
+        raise self.refusal()
+
+    async def _deliver(self, message: Message) -> None:
+        raise self.refusal()

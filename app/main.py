@@ -29,10 +29,16 @@ from app.api.errors import ApiError, http_error, internal_error, invalid_request
 from app.api.limits import BodyLimits, body_caps
 from app.config import ConfigError, Settings, load_settings
 from app.logs import RequestIdMiddleware, configure
-from app.mail import Mailer
+from app.mail import Mailer, MailNotConfigured
 from app.metrics import QueueStats
 from app.outbox import Outbox
-from app.processors.registry import QueuePlan, QueueSpec, build_processors, load_queues
+from app.processors.registry import (
+    QueuePlan,
+    QueueSpec,
+    build_processors,
+    load_queues,
+    require_mail,
+)
 from app.queue.backend import QueueBackend, RpcCaller
 from app.queue.coalesce import CoalescingQueue
 from app.queue.rpc import RpcError, RpcQueue, SupabaseRpc
@@ -46,10 +52,18 @@ from app.worker.retention import Retention
 log = logging.getLogger(__name__)
 
 
-def served_queues(settings: Settings) -> list[str]:
+def serving_plan(settings: Settings) -> QueuePlan:
     """The queues this process serves (queues.toml or the built-in ones, narrowed by
-    `QUEUES`), every one checked; ConfigError with one line otherwise."""
-    return load_queues(settings).names
+    `QUEUES`), every one checked, and the mail settings if one of them sends mail;
+    ConfigError with one line otherwise."""
+    plan = load_queues(settings)
+    require_mail(settings, plan)
+    return plan
+
+
+def served_queues(settings: Settings) -> list[str]:
+    """The names of `serving_plan`'s queues."""
+    return serving_plan(settings).names
 
 
 def coalescing(inner: QueueBackend, settings: Settings) -> CoalescingQueue:
@@ -103,9 +117,13 @@ async def open_backend(
 
 
 def open_mailer(settings: Settings, tracing: Tracing = OFF) -> Mailer:
-    """SMTP, or in local mode without SMTP_HOST the outbox directory."""
+    """SMTP, or in local mode without SMTP_HOST the outbox directory; without the mail
+    settings (no served queue sends mail, `require_mail`), one that refuses to send."""
     if settings.mail_outbox:
         return Outbox(settings, local.outbox_dir(settings.data_dir))
+    missing = settings.missing_mail()
+    if missing:
+        return MailNotConfigured(settings, missing)
     return Mailer(settings, tracing=tracing)
 
 
@@ -193,8 +211,8 @@ async def warn_at_start(settings: Settings, rpc: RpcCaller, queues: Sequence[str
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app. Without `settings`, they are read from the environment."""
     settings = local.with_local_token(settings or load_settings())
-    # Every queue checked (file, keys, imports) before anything starts.
-    plan = load_queues(settings)
+    # Every queue checked (file, keys, imports, mail settings) before anything starts.
+    plan = serving_plan(settings)
     # OFF unless asked for: then OpenTelemetry is imported here (app/tracing.py).
     tracing = open_tracing(settings)
 
@@ -256,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 rpc=rpc,
                 pauses=pauses,
                 tracing=tracing,
+                mail_queues=tuple(plan.mail_queues),
             )
             draining: list[asyncio.Task[None]] = []
 

@@ -342,8 +342,23 @@ def _stage(error: BaseException | None) -> tuple[str, str]:
     return "connect", f"{type(error).__name__}: {error}" if error is not None else "failed"
 
 
-async def check_mail(settings: Settings, mailer: Mailer) -> list[Result]:
-    """SMTP connect, TLS and login with the Mailer's own code; or the local outbox."""
+def mail_not_needed(settings: Settings) -> Result:
+    """The one mail line when no served queue sends mail: nothing to check."""
+    detail = "not needed (no served queue sends mail)"
+    if settings.smtp_host and not settings.mail_outbox:
+        detail += "; SMTP_HOST is set but not checked"
+    return not_applicable("outbox" if settings.mail_outbox else "smtp", detail)
+
+
+async def check_mail(
+    settings: Settings, mailer: Mailer, mail_queues: Sequence[str]
+) -> list[Result]:
+    """SMTP connect, TLS and login with the Mailer's own code; or the local outbox.
+
+    Only when a served queue sends mail (`mail_queues`); otherwise one N/A line.
+    """
+    if not mail_queues:
+        return [mail_not_needed(settings)]
     if isinstance(mailer, Outbox):
         try:
             await mailer.check()
@@ -432,9 +447,13 @@ async def run(
     mailer: Mailer,
     queues: Sequence[str],
     *,
+    mail_queues: Sequence[str],
     timeout: float = 30.0,
 ) -> list[Result]:
-    """Every check after the settings, in order; each bounded by `timeout` seconds."""
+    """Every check after the settings, in order; each bounded by `timeout` seconds.
+
+    `mail_queues`, the served queues that send mail: without any, SMTP is not checked.
+    """
     try:
         async with asyncio.timeout(timeout):
             database, applied, reachable = await check_database(settings, rpc)
@@ -453,7 +472,7 @@ async def run(
         results.append(failed("preflight", f"no answer within {timeout:g}s"))
     try:
         async with asyncio.timeout(timeout):
-            results.extend(await check_mail(settings, mailer))
+            results.extend(await check_mail(settings, mailer, mail_queues))
     except TimeoutError:
         results.append(
             failed("smtp connect", f"no answer within {timeout:g}s", _smtp_fix("connect"))

@@ -261,6 +261,40 @@ def test_a_queue_of_ones_own_not_attached(db: Database, ready: Settings, tmp_pat
     assert "select queue_worker.attach_queue('sms_queue');" in failure
 
 
+def test_a_forward_only_deployment_passes_without_smtp(
+    db: Database, ready: Settings, tmp_path: Path
+) -> None:
+    # A queues.toml of forward queues only, attached by a migration; no mail settings.
+    (tmp_path / "queues.toml").write_text(
+        '[queues.sms_queue]\nprocessor = "forward"\nurl = "https://example.net/send-sms"\n'
+    )
+    with db.connect(role=OWNER_ROLE) as conn:
+        conn.execute("select queue_worker.attach_queue('sms_queue')")
+    no_mail = ready.model_copy(
+        update={
+            "smtp_host": "",
+            "smtp_user": None,
+            "smtp_password": None,
+            "smtp_ca_file": None,
+            "mail_from": "",
+            "mail_from_name": None,
+        }
+    )
+    ran = check(no_mail, tmp_path)
+    assert ran.code == 0, ran.out + ran.err
+    names = [*CHECKS[:-3], "smtp"]
+    assert [status(ran, name) for name in names] == ["OK"] * (len(names) - 1) + ["N/A"]
+    assert line(ran, "smtp").split(None, 2)[2] == "not needed (no served queue sends mail)"
+    assert not any("smtp connect" in text for text in ran.lines), ran.out
+    assert "queues sms_queue" in line(ran, "settings")
+    # SMTP settings left over are not checked either (the server is not even asked).
+    leftover = check(ready, tmp_path)
+    assert leftover.code == 0, leftover.out + leftover.err
+    assert line(leftover, "smtp").split(None, 2)[2] == (
+        "not needed (no served queue sends mail); SMTP_HOST is set but not checked"
+    )
+
+
 def test_a_service_started_against_an_unready_project_says_so_in_its_log(
     db: Database,
     ready: Settings,

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from app.config import ConfigError, load_settings
+from app.main import served_queues
 from tests.conftest import ServiceFactory
 from tests.support.settings import SERVICE_VARIABLES, new_webhook_secret
 
@@ -53,8 +54,7 @@ def test_complete_environment_loads_with_defaults(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "variable",
-    ["SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WEBHOOK_SECRET", "SMTP_HOST", "MAIL_FROM"],
+    "variable", ["SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WEBHOOK_SECRET"]
 )
 def test_missing_required_variable_is_named(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch, variable: str
@@ -65,6 +65,25 @@ def test_missing_required_variable_is_named(
     message = str(caught.value)
     assert "\n" not in message
     assert f"{variable}: is required but not set" in message
+
+
+@pytest.mark.parametrize("variable", ["SMTP_HOST", "MAIL_FROM"])
+def test_the_built_in_queues_need_the_mail_settings_naming_the_queues_that_send_mail(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # The settings alone no longer decide: the served queues do. Without a queues.toml
+    # they are the built-in ones, and email_queue and reports_queue send mail.
+    monkeypatch.delenv(variable)
+    settings = load_settings()
+    with pytest.raises(ConfigError) as caught:
+        served_queues(settings)
+    assert str(caught.value) == (
+        f"invalid configuration: {variable}: is required but not set "
+        "(served queues that send mail: email_queue, reports_queue)"
+    )
+    # payments_queue alone sends none (its receipts go through email_queue).
+    monkeypatch.setenv("QUEUES", "payments_queue")
+    assert served_queues(load_settings()) == ["payments_queue"]
 
 
 @pytest.mark.parametrize(

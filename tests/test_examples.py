@@ -190,3 +190,83 @@ def test_with_every_webhook_dropped_the_sweeper_runs_the_example(
     wait_until(lambda: queue_rows(db, "sms_queue") == [], what="sms acks")
     wait_until(lambda: queue_rows(db, "push_queue") == [], what="push acks")
     assert len(pushes) == 3
+
+
+# -- a deployment that sends no mail ---------------------------------------------------
+
+NO_MAIL: dict[str, Any] = {
+    "smtp_host": "",
+    "smtp_user": None,
+    "smtp_password": None,
+    "smtp_ca_file": None,
+    "mail_from": "",
+    "mail_from_name": None,
+}
+SMS_ONLY = """
+[queues.sms_queue]
+processor = "forward"
+url = "${SMS_FUNCTION_URL}"
+headers = { Authorization = "Bearer ${SMS_FUNCTION_KEY}" }
+signing_secret = "${SMS_SIGNING_SECRET}"
+"""
+
+
+def test_a_forward_only_service_needs_no_smtp_settings_and_delivers(
+    db: Database,
+    example: dict[str, Any],
+    remote: Remote,
+    start_service: ServiceFactory,
+    sender: PgNetSender,
+    tmp_path: Path,
+) -> None:
+    queues = tmp_path / "queues.toml"
+    queues.write_text(SMS_ONLY)
+    service = start_service(**{**example, "queues_file": queues, **NO_MAIL})
+    assert service.settings.smtp_host == "" and service.settings.mail_from == ""
+    assert service.services.runner.queues == {"sms_queue"}
+    sms_id = send(db, "sms_queue", {"to": "+15550100", "text": "no mail here"})
+    wait_until(lambda: len(remote.sms) == 1, what="the forwarded job")
+    assert remote.sms == [{"to": "+15550100", "text": "no mail here"}]
+    assert remote.sms_ids == [f"msg_sms_queue_{sms_id}"]
+    wait_until(lambda: queue_rows(db, "sms_queue") == [], what="the ack")
+    assert archived_rows(db, "sms_queue") == []
+    # Ready, without trying an SMTP server it has none of.
+    ready = httpx.get(f"{service.url}/health/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["smtp"] == "not needed"
+
+
+def test_a_plugin_sending_mail_without_mail_settings_archives_the_job_saying_why(
+    db: Database,
+    example: dict[str, Any],
+    start_service: ServiceFactory,
+    sender: PgNetSender,
+    tmp_path: Path,
+) -> None:
+    # push_queue's processor sends mail but its table does not say `mail = true`: the
+    # service starts without SMTP settings, and the job is archived with the reason.
+    module = f"mailing_push_{secrets.token_hex(4)}"
+    (tmp_path / f"{module}.py").write_text(
+        "from app.jobs import Handler, Resources\n"
+        "from app.mail import Address, Mail\n\n\n"
+        "def make(resources: Resources) -> Handler:\n"
+        "    async def send(job: dict) -> None:\n"
+        "        await resources.mailer.send(\n"
+        "            Mail(to=[Address(job['to'])], subject='Shipped', text=job['text'])\n"
+        "        )\n\n"
+        "    return send\n"
+    )
+    queues = tmp_path / "queues.toml"
+    queues.write_text(SMS_ONLY + f'\n[queues.push_queue]\nprocessor = "{module}:make"\n')
+    start_service(**{**example, "queues_file": queues, **NO_MAIL})
+    msg_id = send(db, "push_queue", {"to": "anna@example.com", "text": "on its way"})
+    wait_until(lambda: archived_rows(db, "push_queue") != [], what="the dead letter")
+    [(archived_id, read_ct, error)] = archived_rows(db, "push_queue")
+    assert (archived_id, read_ct) == (msg_id, 1)  # permanent: not retried
+    assert error["type"] == "PermanentError"
+    assert error["message"] == (
+        "mail is not configured (SMTP_HOST and MAIL_FROM are not set): set SMTP_HOST and "
+        "MAIL_FROM and add mail = true to [queues.push_queue] in queues.toml, so that "
+        "start-up requires them, then replay this job"
+    )
+    assert queue_rows(db, "push_queue") == []

@@ -20,7 +20,8 @@ import pytest
 from app.config import ConfigError, Settings
 from app.errors import PermanentError
 from app.mail import Mailer
-from app.processors.registry import QueuePlan, build_processors, load_queues
+from app.main import open_mailer
+from app.processors.registry import QueuePlan, build_processors, load_queues, require_mail
 from app.queue.models import QueueMessage
 from tests.support.settings import SERVICE_VARIABLES, settings_for
 
@@ -30,12 +31,14 @@ SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes, te
 
 def base_settings(**values: Any) -> Settings:
     return settings_for(
-        supabase_url="http://127.0.0.1:9",
-        supabase_service_role_key="sb_secret_" + "x" * 30,
-        webhook_secret="w" * 10 + "-test-secret-abc",
-        smtp_host="localhost",
-        mail_from="worker@example.com",
-        **values,
+        **{
+            "supabase_url": "http://127.0.0.1:9",
+            "supabase_service_role_key": "sb_secret_" + "x" * 30,
+            "webhook_secret": "w" * 10 + "-test-secret-abc",
+            "smtp_host": "localhost",
+            "mail_from": "worker@example.com",
+            **values,
+        }
     )
 
 
@@ -571,3 +574,181 @@ def test_an_async_factory_and_a_processor_object_are_accepted(tmp_path: Path) ->
         processor.validate({})
     asyncio.run(processor(message({"device": "d"}, msg_id=11)))
     assert sys.modules[module].SEEN == [11]
+
+
+# -- mail: which served queues need SMTP ---------------------------------------------
+
+
+def no_mail_settings(**values: Any) -> Settings:
+    """Settings of a deployment that sends no mail: no SMTP_HOST, no MAIL_FROM."""
+    return base_settings(smtp_host="", mail_from="", **values)
+
+
+def test_the_served_queues_that_send_mail_decide_whether_smtp_is_required(
+    tmp_path: Path,
+) -> None:
+    module = unique("mail_plugin")
+    path = write(
+        tmp_path,
+        f"""
+        [queues.email_queue]
+        processor = "email"
+
+        [queues.reports_queue]
+        processor = "reports"
+
+        [queues.payments_queue]
+        processor = "payments"
+
+        [queues.sms_queue]
+        processor = "forward"
+        url = "https://example.net/send-sms"
+
+        [queues.notify_queue]
+        processor = "{module}:send"
+        mail = true
+
+        [queues.push_queue]
+        processor = "{module}:send"
+        """,
+        **{module: "async def send(job: dict) -> None:\n    pass\n"},
+    )
+    plan = load_queues(no_mail_settings(queues_file=path), {})
+    assert plan.mail_queues == ["email_queue", "notify_queue", "reports_queue"]
+    with pytest.raises(ConfigError) as caught:
+        require_mail(no_mail_settings(queues_file=path), plan)
+    assert str(caught.value) == (
+        "invalid configuration: SMTP_HOST: is required but not set; MAIL_FROM: is required "
+        "but not set (served queues that send mail: email_queue, notify_queue, reports_queue)"
+    )
+    # Served without the mail queues, the same file needs no mail settings.
+    settings = no_mail_settings(queues_file=path, queues="payments_queue,sms_queue,push_queue")
+    narrowed = load_queues(settings, {})
+    assert narrowed.names == ["payments_queue", "push_queue", "sms_queue"]
+    assert narrowed.mail_queues == []
+    require_mail(settings, narrowed)  # no error
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            'processor = "{module}:send"\nmail = "yes"',
+            "queues.push_queue.mail: must be true or false (does the processor send mail?)",
+        ),
+        (
+            'processor = "email"\nmail = false',
+            "queues.push_queue.mail: only for a processor of your own: the built-in email "
+            "processor always sends mail",
+        ),
+        (
+            'processor = "forward"\nurl = "https://example.net/x"\nmail = true',
+            "queues.push_queue.mail: only for a processor of your own: the built-in forward "
+            "processor never sends mail",
+        ),
+    ],
+)
+def test_a_wrong_mail_key_is_one_line_naming_it(tmp_path: Path, table: str, expected: str) -> None:
+    module = unique("mail_key")
+    path = write(
+        tmp_path,
+        "[queues.push_queue]\n" + table.format(module=module) + "\n",
+        **{module: "async def send(job: dict) -> None:\n    pass\n"},
+    )
+    assert refused(path) == expected
+
+
+def test_a_plugin_that_sends_mail_without_mail_settings_gets_a_permanent_error(
+    tmp_path: Path,
+) -> None:
+    # Not declared `mail = true`, so start-up did not ask for SMTP; it sends anyway.
+    module = unique("sneaky_mail")
+    path = write(
+        tmp_path,
+        f'[queues.push_queue]\nprocessor = "{module}:make"\n',
+        **{
+            module: """
+            from app.jobs import Handler, Resources
+            from app.mail import Address, Mail
+
+            def make(resources: Resources) -> Handler:
+                async def send(job: dict) -> None:
+                    await resources.mailer.send(
+                        Mail(to=[Address(job["to"])], subject="Hi", text="Hello")
+                    )
+
+                return send
+            """
+        },
+    )
+    settings = no_mail_settings(queues_file=path)
+    plan = load_queues(settings, {})
+    require_mail(settings, plan)  # nothing declared mail: start-up goes on
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as http:
+            processors = await build_processors(
+                plan,
+                settings=settings,
+                http=http,
+                mailer=open_mailer(settings),
+                rpc=None,  # type: ignore[arg-type]
+            )
+            await processors["push_queue"](message({"to": "anna@example.com"}))
+
+    with pytest.raises(PermanentError) as caught:
+        asyncio.run(run())
+    assert str(caught.value) == (
+        "mail is not configured (SMTP_HOST and MAIL_FROM are not set): set SMTP_HOST and "
+        "MAIL_FROM and add mail = true to [queues.push_queue] in queues.toml, so that "
+        "start-up requires them, then replay this job"
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "app.cli"], ["-m", "uvicorn", "app.main:app"]],
+    ids=["queue-worker", "uvicorn"],
+)
+def test_serving_email_without_smtp_host_stops_start_up_naming_it_and_the_queue(
+    tmp_path: Path, command: list[str]
+) -> None:
+    module = unique("declared_mail")
+    path = write(
+        tmp_path,
+        f"""
+        [queues.email_queue]
+        processor = "email"
+
+        [queues.sms_queue]
+        processor = "forward"
+        url = "https://example.net/send-sms"
+
+        [queues.notify_queue]
+        processor = "{module}:send"
+        mail = true
+        """,
+        **{module: "async def send(job: dict) -> None:\n    pass\n"},
+    )
+    environment = {k: v for k, v in __import__("os").environ.items() if k not in SERVICE_VARIABLES}
+    environment.update(
+        PYTHONPATH=str(ROOT),
+        QUEUES_FILE=str(path),
+        SUPABASE_URL="http://127.0.0.1:9",
+        SUPABASE_SERVICE_ROLE_KEY="sb_secret_" + "x" * 30,
+        WEBHOOK_SECRET="w" * 10 + "-test-secret-abc",
+        MAIL_FROM="worker@example.com",
+    )
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "queue-worker: invalid configuration: SMTP_HOST: is required but not set "
+        "(served queues that send mail: email_queue, notify_queue)"
+    ]

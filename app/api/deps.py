@@ -38,6 +38,8 @@ class Services:
     replays: ReplayCache = field(default_factory=ReplayCache)
     # Spans, or OFF (app/tracing.py).
     tracing: Tracing = OFF
+    # The served queues that send mail; none: readiness does not check the mailer.
+    mail_queues: tuple[str, ...] = ()
 
 
 def get_services(request: Request) -> Services:

@@ -51,7 +51,13 @@ async def _check_rpc(services: Services) -> str:
     return "ok"
 
 
+# The mail check's answer when no served queue sends mail: passing, and not run.
+NOT_NEEDED = "not needed"
+
+
 async def _check_smtp(services: Services) -> str:
+    if not services.mail_queues:
+        return NOT_NEEDED
     try:
         await services.mailer.check()
     except JobError as error:
@@ -99,7 +105,8 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
 
     The database check is `rpc` (Supabase's RPC API) or `database` (a direct
     connection: DATABASE_URL or local mode); the mail check is `smtp` (connects and
-    logs in) or `outbox` (local mode: the directory takes a file). Each runs within
+    logs in) or `outbox` (local mode: the directory takes a file), or `not needed`
+    without trying when no served queue sends mail. Each runs within
     its own timeout (RPC_CHECK_SECONDS, SMTP_CHECK_SECONDS); a check that fails says
     why: `failed (HTTP 503)`, `failed (timeout after 4s)`, `failed (SMTPAuthenticationError)`.
     Shows no secrets and no configuration values.
@@ -115,7 +122,7 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
     }
     if services.runner.draining:
         checks["shutdown"] = "draining"
-    ok = all(value == "ok" for value in checks.values())
+    ok = all(value == "ok" for value in checks.values() if value != NOT_NEEDED)
     return JSONResponse(
         {"status": "ready" if ok else "not ready", "checks": checks},
         status_code=200 if ok else 503,

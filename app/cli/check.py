@@ -23,7 +23,8 @@ LABELS = {"ok": "OK", "fail": "FAIL", "skip": "SKIP", "n/a": "N/A"}
 def register(verbs: Verbs) -> None:
     parser = verbs.add_parser(
         "check",
-        help="preflight: settings, database, migrations, Vault, triggers, pg_net, SMTP",
+        help="preflight: settings, database, migrations, Vault, triggers, pg_net, SMTP "
+        "(when a served queue sends mail)",
         description="Checks everything the service needs before it can run here, one line "
         "per check with OK or the fix. Exit code 0 only when all pass.",
     )
@@ -65,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
     from app.config import ConfigError, load_settings
     from app.local import LocalModeError
     from app.logs import configure
-    from app.main import served_queues
+    from app.main import serving_plan
 
     overrides = {"_env_file": args.env_file} if args.env_file is not None else {}
     try:
         settings = load_settings(**overrides)
-        queues = served_queues(settings)
+        plan = serving_plan(settings)
     except ConfigError as error:
         failure = preflight.failed(
             "settings", str(error), "set the variables it names (.env.example lists them)"
@@ -78,12 +79,18 @@ def run(args: argparse.Namespace) -> int:
         _print([failure], args.json)
         return USAGE
     configure("ERROR", "text")
+    queues = plan.names
     results = [preflight.ok("settings", f"{_mode(settings)}; queues {', '.join(queues)}")]
 
     async def go() -> list[Result]:
         async with opened(settings) as service:
             return await preflight.run(
-                settings, service.rpc, service.mailer, queues, timeout=args.timeout
+                settings,
+                service.rpc,
+                service.mailer,
+                queues,
+                mail_queues=plan.mail_queues,
+                timeout=args.timeout,
             )
 
     try:

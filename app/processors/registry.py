@@ -16,6 +16,7 @@ present) it serves the queues the file lists, and only those:
     processor = "myjobs.push:send_push"        # module:attribute, see app/jobs.py
     job_timeout_seconds = 120
     options = { endpoint = "${PUSH_URL}" }     # given to a factory as resources.options
+    mail = true                                # it sends mail with resources.mailer
 
 `QUEUES` narrows the served queues to some of the file's. `${NAME}` in any string
 of a served queue comes from the environment (or `.env`); the file never holds
@@ -24,6 +25,13 @@ an import that fails, a queue named twice) stops start-up with one line naming t
 file, the queue and the key (`ConfigError`, exit 2), as bad settings do.
 
 Every limit not set for a queue falls back to the global setting of the same name.
+
+Mail: the built-in `email` and `reports` processors send mail, `payments` and
+`forward` do not (payments enqueues its receipts on email_queue), and a processor of
+your own does when its table says `mail = true`. SMTP_HOST and MAIL_FROM are required
+(`require_mail`) only when a served queue sends mail; without them, a processor of
+your own that sends mail anyway gets a PermanentError saying what to set
+(app/mail.py `MailNotConfigured`): it cannot be known before it runs whether it will.
 `load_queues()` does all the checking that needs no running service; the lifespan
 then calls `build_processors()`, which calls the factories with the shared resources.
 """
@@ -46,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.config import ConfigError, Settings
 from app.jobs import Resources
-from app.mail import Mailer
+from app.mail import Mailer, MailNotConfigured
 from app.processors import Processor
 from app.processors.forward import ForwardOptions
 from app.processors.plugins import (
@@ -73,13 +81,15 @@ class Builtin:
 
     factory: str
     options: type[BaseModel] | None = None
+    mail: bool = False  # sends mail: the service needs SMTP_HOST and MAIL_FROM
 
 
 # Built-in processors are factories like a user's own, registered by name here.
 BUILTINS: dict[str, Builtin] = {
-    "email": Builtin("app.processors.email:processor"),
+    "email": Builtin("app.processors.email:processor", mail=True),
+    # Receipts are enqueued on email_queue by the RPC; the email processor sends them.
     "payments": Builtin("app.processors.payments:processor"),
-    "reports": Builtin("app.processors.reports:processor"),
+    "reports": Builtin("app.processors.reports:processor", mail=True),
     "forward": Builtin("app.processors.forward:processor", ForwardOptions),
 }
 # What the service serves without a queues file.
@@ -120,6 +130,8 @@ class QueueSpec:
     job_timeout_seconds: float
     # The processor's own keys (forward's url, a plugin's options), `${NAME}` expanded.
     options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Its processor sends mail: a built-in that does, or `mail = true` for one's own.
+    mail: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,25 @@ class QueuePlan:
     @property
     def names(self) -> list[str]:
         return sorted(self.queues)
+
+    @property
+    def mail_queues(self) -> list[str]:
+        """The served queues whose processors send mail (they need the mail settings)."""
+        return sorted(name for name, spec in self.queues.items() if spec.mail)
+
+
+def require_mail(settings: Settings, plan: QueuePlan) -> None:
+    """ConfigError (one line) when a served queue sends mail and a mail setting is missing.
+
+    Naming the variables as a missing setting is named, and the queues that need them.
+    """
+    queues = plan.mail_queues
+    missing = settings.missing_mail()
+    if queues and missing:
+        problems = "; ".join(f"{name}: is required but not set" for name in missing)
+        raise ConfigError(
+            f"invalid configuration: {problems} (served queues that send mail: {', '.join(queues)})"
+        )
 
 
 class _Problem(Exception):
@@ -277,14 +308,26 @@ def _queue(
     if not isinstance(processor, str):
         raise _Problem(f"{prefix}.processor", "must be a string")
     builtin = BUILTINS.get(processor)
-    rest = {k: v for k, v in table.items() if k != "processor" and k not in LIMIT_KEYS}
+    if builtin is not None and "mail" in table:
+        raise _Problem(
+            f"{prefix}.mail",
+            f"only for a processor of your own: the built-in {processor} processor "
+            f"{'always sends' if builtin.mail else 'never sends'} mail",
+        )
+    mail = table.get("mail", False)
+    if not isinstance(mail, bool):
+        raise _Problem(f"{prefix}.mail", "must be true or false (does the processor send mail?)")
+    rest = {
+        k: v for k, v in table.items() if k not in {"processor", "mail"} and k not in LIMIT_KEYS
+    }
     allowed = set(builtin.options.model_fields) if builtin and builtin.options else set()
     if builtin is None:
         allowed = {"options"}
     for key in rest:
         if key not in allowed:
             kind = f"a {processor} queue" if builtin else "a queue with a processor of your own"
-            keys = ", ".join(sorted(LIMIT_KEYS | allowed | {"processor"}))
+            own = {"processor"} if builtin else {"processor", "mail"}
+            keys = ", ".join(sorted(LIMIT_KEYS | allowed | own))
             raise _Problem(f"{prefix}.{key}", f"unknown key; the keys of {kind} are: {keys}")
     try:
         limits = Limits.model_validate({k: v for k, v in table.items() if k in LIMIT_KEYS})
@@ -306,8 +349,8 @@ def _queue(
                 except ValidationError as error:
                     raise _Problem(*_first(prefix, error)) from None
         target = _target(prefix, processor, builtin)
-    spec = _spec(settings, name, processor, limits, options, prefix)
-    return spec, target
+    mail = builtin.mail if builtin is not None else mail
+    return _spec(settings, name, processor, limits, options, prefix, mail=mail), target
 
 
 def _target(prefix: str, processor: str, builtin: Builtin | None) -> Handler | Factory:
@@ -325,6 +368,8 @@ def _spec(
     limits: Limits,
     options: dict[str, Any],
     prefix: str,
+    *,
+    mail: bool,
 ) -> QueueSpec:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
@@ -342,6 +387,7 @@ def _spec(
         ),
         job_timeout_seconds=pick(limits.job_timeout_seconds, settings.job_timeout_seconds),
         options=MappingProxyType(options),
+        mail=mail,
     )
     if spec.retry_max_seconds < spec.retry_base_seconds:
         key = "retry_max_seconds" if limits.retry_max_seconds is not None else "retry_base_seconds"
@@ -402,7 +448,9 @@ async def build_processors(
         if isinstance(target, Handler):
             processors[name] = as_processor(target)
             continue
-        resources = Resources(settings, http, mailer, rpc, name, spec.options)
+        # Without mail settings, a processor that sends anyway is refused naming its queue.
+        queue_mailer = mailer.for_queue(name) if isinstance(mailer, MailNotConfigured) else mailer
+        resources = Resources(settings, http, queue_mailer, rpc, name, spec.options)
         path = BUILTINS[spec.processor].factory if spec.processor in BUILTINS else spec.processor
         try:
             processors[name] = await from_factory(target, resources, path)
