@@ -63,6 +63,8 @@ class Settler:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._calls: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()  # set whenever a deferred ack call ends
+        # Jobs per queue waiting for room under `max_unacked` (their slots held).
+        self._held: defaultdict[str, int] = defaultdict(int)
 
     @property
     def pending(self) -> int:
@@ -81,6 +83,10 @@ class Settler:
     def unacked(self, queue: str) -> int:
         """Deferred acks of `queue` not yet landed (bounded by its `max_unacked`)."""
         return len(self._outgoing[queue]) + len(self._sending[queue])
+
+    def held(self, queue: str) -> int:
+        """Jobs of `queue` that finished and wait for room to owe their ack."""
+        return self._held[queue]
 
     def owes(self, queue: str, msg_id: int) -> bool:
         """True when this process finished the message and still owes its ack or archive."""
@@ -121,11 +127,16 @@ class Settler:
     async def _defer_ack(self, queue: str, msg_id: int, now: bool) -> bool:
         limit = self._max_unacked.get(queue, self._default_max_unacked)
         outgoing, sending = self._outgoing[queue], self._sending[queue]
-        while len(outgoing) + len(sending) >= limit:
-            # As many owed as allowed: this job keeps its slot until there is room.
-            self._send_acks(queue)
-            self._settled.clear()
-            await self._settled.wait()
+        if len(outgoing) + len(sending) >= limit:
+            self._held[queue] += 1
+            try:
+                while len(outgoing) + len(sending) >= limit:
+                    # As many owed as allowed: this job keeps its slot until there is room.
+                    self._send_acks(queue)
+                    self._settled.clear()
+                    await self._settled.wait()
+            finally:
+                self._held[queue] -= 1
         outgoing[msg_id] = None
         if now or len(outgoing) >= min(self._ack_batch, limit):
             self._send_acks(queue)
