@@ -24,7 +24,10 @@ the Settler's (app/worker/settle.py), which may send it a little later with
 others. A queue with `rate_per_second` starts its jobs no faster than that
 (app/worker/ratelimit.py); a job waiting for its turn holds its slot and its lease.
 Every limit is per queue (the registry's QueueSpec, looked up once here at start);
-`RunnerConfig` is the default.
+`RunnerConfig` is the default. A job runs in a worker task of its queue, which takes
+the next waiting message when its job ends; workers are hired as the waiting messages
+need them (see `_hire`), so jobs that never wait share a task. Job metrics are counted
+here and handed to prometheus_client in bulk (`flush_metrics`).
 """
 
 from __future__ import annotations
