@@ -1,7 +1,8 @@
 """The wheel carries the SQL: built, installed in a fresh venv outside the checkout, and run.
 
 `uv build` makes the sdist and, from it, the wheel; the wheel goes into a new
-virtualenv with the project's locked dependencies (from uv's cache, offline), and
+virtualenv with the project's locked dependencies (`uv sync` of the lock file into
+it, from uv's cache, offline), and
 everything below runs from a directory that is not the checkout, with nothing of
 it on the import path: `migrate --print`, local mode (which applies the packaged
 migrations to its embedded database) and `check` against it.
@@ -48,8 +49,8 @@ class Installed:
         return [str(self.bin / name)]
 
 
-def _uv(*args: str, cwd: Path) -> None:
-    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "VIRTUAL_ENV": ""}
+def _uv(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "VIRTUAL_ENV": "", **(env or {})}
     result = subprocess.run(
         ["uv", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -66,24 +67,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     dist = base / "dist"
     _uv("build", str(ROOT), "--offline", "--out-dir", str(dist), cwd=base)
     [wheel] = dist.glob("*.whl")
-    requirements = base / "requirements.txt"
-    _uv(
-        "export",
-        "--frozen",
-        "--no-dev",
-        "--extra",
-        "local",
-        "--no-emit-project",
-        "--no-hashes",
-        "--no-header",
-        "--quiet",
-        "--output-file",
-        str(requirements),
-        cwd=ROOT,
-    )
     venv = base / "venv"
     _uv("venv", "--quiet", "--python", sys.executable, str(venv), cwd=base)
-    # --no-deps: the export is the whole locked set, pinned; nothing to resolve.
+    # The project's locked dependencies, from the lock file's URLs and uv's wheel
+    # cache: `uv pip install -r` of an export would look each name up in the package
+    # index's cache instead, which a machine whose cache was filled by `uv sync --frozen`
+    # alone does not have.
+    _uv(
+        "sync",
+        "--frozen",
+        "--offline",
+        "--no-default-groups",
+        "--extra",
+        "local",
+        "--no-install-project",
+        "--quiet",
+        cwd=ROOT,
+        env={"UV_PROJECT_ENVIRONMENT": str(venv)},
+    )
     _uv(
         "pip",
         "install",
@@ -92,8 +93,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         "--quiet",
         "--python",
         str(venv / "bin" / "python"),
-        "-r",
-        str(requirements),
         str(wheel),
         cwd=base,
     )

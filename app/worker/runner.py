@@ -409,6 +409,9 @@ class Runner:
                     in_job[queue] -= 1
         finally:
             self._running[queue] -= 1
+            if not self._busy[queue]:
+                # The queue is idle: its metrics are complete now, not within a second.
+                self._metrics[queue].flush()
 
     def _remember(self, queue: str, msg_id: int) -> None:
         finished = self._finished[queue]
