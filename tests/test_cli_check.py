@@ -23,6 +23,7 @@ from tests.conftest import ServiceFactory, register_in_vault
 from tests.support.cli import Ran, run_cli
 from tests.support.postgres import OWNER_ROLE, Database
 from tests.support.rpc_gateway import RpcGateway, running_gateway
+from tests.support.settings import NO_MAIL
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import wait_until
 
@@ -270,16 +271,7 @@ def test_a_forward_only_deployment_passes_without_smtp(
     )
     with db.connect(role=OWNER_ROLE) as conn:
         conn.execute("select queue_worker.attach_queue('sms_queue')")
-    no_mail = ready.model_copy(
-        update={
-            "smtp_host": "",
-            "smtp_user": None,
-            "smtp_password": None,
-            "smtp_ca_file": None,
-            "mail_from": "",
-            "mail_from_name": None,
-        }
-    )
+    no_mail = ready.model_copy(update=NO_MAIL)
     ran = check(no_mail, tmp_path)
     assert ran.code == 0, ran.out + ran.err
     names = [*CHECKS[:-3], "smtp"]

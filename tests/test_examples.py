@@ -30,6 +30,7 @@ from tests.conftest import ServiceFactory
 from tests.support.pg_net import PgNetSender, running_sender
 from tests.support.postgres import OWNER_ROLE, Database
 from tests.support.servers import serve_in_thread
+from tests.support.settings import NO_MAIL
 from tests.support.waiting import wait_until
 from tests.test_e2e import archived_rows, queue_rows
 
@@ -194,14 +195,6 @@ def test_with_every_webhook_dropped_the_sweeper_runs_the_example(
 
 # -- a deployment that sends no mail ---------------------------------------------------
 
-NO_MAIL: dict[str, Any] = {
-    "smtp_host": "",
-    "smtp_user": None,
-    "smtp_password": None,
-    "smtp_ca_file": None,
-    "mail_from": "",
-    "mail_from_name": None,
-}
 SMS_ONLY = """
 [queues.sms_queue]
 processor = "forward"

@@ -8,6 +8,7 @@ Plugins are real modules written next to a queues.toml in a temporary directory
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -351,7 +352,7 @@ def test_a_processor_that_cannot_be_called_is_refused_with_the_code_to_write(
 
 def test_a_bad_file_stops_the_console_script_with_exit_2_and_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, '[queues.sms_queue]\nprocessor = "forward"\nurl = "${NO_SUCH_VAR}"\n')
-    environment = {k: v for k, v in __import__("os").environ.items() if k not in SERVICE_VARIABLES}
+    environment = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     environment.update(
         PYTHONPATH=str(ROOT),
         QUEUES_FILE=str(path),
@@ -730,7 +731,7 @@ def test_serving_email_without_smtp_host_stops_start_up_naming_it_and_the_queue(
         """,
         **{module: "async def send(job: dict) -> None:\n    pass\n"},
     )
-    environment = {k: v for k, v in __import__("os").environ.items() if k not in SERVICE_VARIABLES}
+    environment = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     environment.update(
         PYTHONPATH=str(ROOT),
         QUEUES_FILE=str(path),

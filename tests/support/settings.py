@@ -20,6 +20,16 @@ FAST_RETRIES: dict[str, Any] = {
 
 # Every variable the service reads; tests clear them so the developer's own
 # environment or .env cannot leak in.
+# Every mail setting unset: a deployment whose served queues send no mail.
+NO_MAIL: dict[str, Any] = {
+    "smtp_host": "",
+    "smtp_user": None,
+    "smtp_password": None,
+    "smtp_ca_file": None,
+    "mail_from": "",
+    "mail_from_name": None,
+}
+
 SERVICE_VARIABLES = (
     "QUEUE_WORKER_MODE",
     "DATA_DIR",
